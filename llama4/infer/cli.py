@@ -1,0 +1,131 @@
+"""``llama4 generate``, ``llama4 chat`` and ``llama4 serve``: argument parsing, then a call into
+the inference and server rooms."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _sampling_args(sp: argparse.ArgumentParser, temperature: float) -> None:
+    sp.add_argument("--model", required=True, help="model directory (HF layout, optional tokenizer.model)")
+    sp.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
+    sp.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
+    sp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def _setup(a):
+    import torch
+
+    from llama4.infer.model_dir import load_model_dir
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return load_model_dir(a.model, dtype=a.dtype, device=a.device)
+
+
+def _stream(model, tok, prompt: list[int], a, out) -> list[int]:
+    """Generate and print text as it comes; returns the generated ids (stop token included)."""
+    from llama4.infer.detok import TextStream
+    from llama4.infer.generate import generate_stream
+
+    text = TextStream(tok, skip_ids=tok.stop_tokens)
+    ids: list[int] = []
+    for chunk in generate_stream(model, [prompt], a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed,
+                                 stop=tok.stop_tokens, sync_every=1):
+        ids += chunk[0]
+        out.write(text.push(chunk[0]))
+        out.flush()
+    out.write(text.flush())
+    out.flush()
+    return ids
+
+
+def _generate(a) -> int:
+    from llama4.tokenizer.chat_format import encode_dialog_prompt
+
+    model, tok, _ = _setup(a)
+    if a.chat_format:
+        prompt = encode_dialog_prompt(tok, [{"role": "user", "content": a.prompt}])
+    else:
+        prompt = tok.encode(a.prompt, bos=not a.no_bos)
+    if not prompt:
+        raise ValueError("the prompt is empty (pass --prompt TEXT, or drop --no-bos)")
+    _stream(model, tok, prompt, a, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(a) -> int:
+    from llama4.tokenizer.chat_format import encode_dialog_prompt
+
+    model, tok, name = _setup(a)
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {name} (empty line or /exit to quit, /reset to forget the conversation)")
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("", "/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = encode_dialog_prompt(tok, messages)
+        if interactive:
+            sys.stdout.write("assistant> ")
+        ids = _stream(model, tok, prompt, a, sys.stdout)
+        sys.stdout.write("\n")
+        reply = tok.decode([i for i in ids if i not in tok.stop_tokens])
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _serve(a) -> int:
+    from llama4.server.app import serve
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
+          max_batch=a.max_batch, max_context=a.max_context, dtype=a.dtype, device=a.device,
+          default_max_tokens=a.default_max_tokens, log_level=a.log_level)
+    return 0
+
+
+def add_subparsers(sub) -> None:
+    sp = sub.add_parser("generate", help="generate from a prompt, streaming tokens as they come")
+    _sampling_args(sp, temperature=0.0)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--chat-format", action="store_true", help="wrap the prompt as one user turn")
+    sp.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|>")
+    sp.set_defaults(func=_generate)
+
+    sp = sub.add_parser("chat", help="multi-turn chat in the terminal (Llama 4 chat format)")
+    _sampling_args(sp, temperature=0.7)
+    sp.add_argument("--system", default=None, help="system prompt")
+    sp.set_defaults(func=_chat)
+
+    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    sp.add_argument("--model", required=True, help="model directory")
+    sp.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    sp.add_argument("--model-name", default=None, help="id served on /v1/models (default: directory name)")
+    sp.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    sp.add_argument("--max-context", type=int, default=None, help="prompt + completion limit per request")
+    sp.add_argument("--default-max-tokens", type=int, default=512)
+    sp.add_argument("--dtype", default=None)
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--threads", type=int, default=None)
+    sp.add_argument("--log-level", default="info")
+    sp.set_defaults(func=_serve)

@@ -1,0 +1,282 @@
+"""KV cache that follows iRoPE: a ring of one chunk on chunked (RoPE) layers, the full history on
+global (NoPE) layers.
+
+One :class:`KVCache` serves a batch of ``max_batch`` sequence slots ("rows"). Each row has its
+own length, so rows hold unrelated requests that join and leave between decode steps. The model
+calls ``cache[i].update(k, v, positions)`` (the ``LayerKVCache`` protocol of
+``llama4.model.attention``); what to write where is decided on the host beforehand by
+:meth:`KVCache.prefill` / :meth:`KVCache.decode`, from lengths the host already knows, so the
+decode step never reads a device value back.
+
+Chunked layer (chunk C): a query at position p sees the keys of its own chunk up to p, i.e. at most
+C-1 earlier keys. Position p lives in ring slot ``p % C``; because chunks start at multiples of C,
+the current chunk's keys are slots 0 .. p % C in order, and a slot is only overwritten once its
+chunk is over. Memory: C (or the capacity, if smaller) per row and layer, whatever the context.
+
+Global layer: slot p holds position p; the buffer grows by doubling (amortised copies).
+
+Both kinds keep one scratch slot past their end: a decode step runs over rows [0, n) and the rows
+in that range that are not decoding (free, or mid-prefill) write there, so they never disturb
+real keys and no row has to be gathered out of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama4.infer.masks import PieceMask
+from llama4.model.args import ModelArgs
+
+
+@dataclass
+class _Prefill:
+    r0: int
+    r1: int
+    start: int
+    T: int
+
+
+@dataclass
+class _Decode:
+    n: int
+    full_idx: torch.Tensor  # (n, 1, 1, 1) write slot per row on global layers
+    ring_idx: torch.Tensor | None  # (n, 1, 1, 1) write slot per row on chunked layers
+    full_keys: int  # keys exposed on global layers
+    ring_keys: int
+    full_mask: torch.Tensor | None  # (n, 1, 1, full_keys) or None: all visible
+    ring_mask: torch.Tensor | None
+
+
+class _LayerCache:
+    def __init__(self, kv: "KVCache", size: int):
+        self.kv = kv
+        shape = (kv.max_batch, kv.n_kv_heads, size + 1, kv.head_dim)  # +1: the scratch slot
+        self.k = torch.zeros(shape, device=kv.device, dtype=kv.dtype)
+        self.v = torch.zeros(shape, device=kv.device, dtype=kv.dtype)
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2] - 1
+
+    def resize(self, size: int) -> None:
+        old = self.size
+        if size == old:
+            return
+        k, v = self.k, self.v
+        shape = (k.shape[0], k.shape[1], size + 1, k.shape[3])
+        self.k = torch.zeros(shape, device=k.device, dtype=k.dtype)
+        self.v = torch.zeros(shape, device=k.device, dtype=k.dtype)
+        keep = min(old, size)
+        self.k[:, :, :keep] = k[:, :, :keep]
+        self.v[:, :, :keep] = v[:, :, :keep]
+
+    def _write_decode(self, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        # k, v: (n, n_kv, 1, hd); idx: (n, 1, 1, 1) slot per row
+        idx = idx.expand(n, k.shape[1], 1, k.shape[3])
+        self.k[:n].scatter_(2, idx, k)
+        self.v[:n].scatter_(2, idx, v)
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class FullLayerCache(_LayerCache):
+    """Global (NoPE) layer: the whole history, slot = position."""
+
+    def update(self, k, v, positions):
+        plan = self.kv._plan
+        if isinstance(plan, _Decode):
+            self._write_decode(plan.full_idx, k, v, plan.n)
+            S = plan.full_keys
+            return self.k[:plan.n, :, :S], self.v[:plan.n, :, :S], plan.full_mask
+        r0, r1, s, T = plan.r0, plan.r1, plan.start, plan.T
+        self.k[r0:r1, :, s:s + T] = k
+        self.v[r0:r1, :, s:s + T] = v
+        return self.k[r0:r1, :, :s + T], self.v[r0:r1, :, :s + T], PieceMask(s, T, None)
+
+
+class ChunkedLayerCache(_LayerCache):
+    """Chunked (RoPE) layer: a ring of one chunk, slot = position % chunk."""
+
+    def __init__(self, kv: "KVCache", size: int, chunk: int):
+        super().__init__(kv, size)
+        self.chunk = chunk
+
+    def update(self, k, v, positions):
+        plan = self.kv._plan
+        if isinstance(plan, _Decode):
+            self._write_decode(plan.ring_idx, k, v, plan.n)
+            S = plan.ring_keys
+            return self.k[:plan.n, :, :S], self.v[:plan.n, :, :S], plan.ring_mask
+        r0, r1, s, T, C = plan.r0, plan.r1, plan.start, plan.T, self.chunk
+        n_old = s % C  # earlier keys of the current chunk: slots 0 .. n_old-1
+        if n_old + T <= C:  # the piece stays inside one chunk: write in place, return a view
+            self.k[r0:r1, :, n_old:n_old + T] = k
+            self.v[r0:r1, :, n_old:n_old + T] = v
+            return self.k[r0:r1, :, :n_old + T], self.v[r0:r1, :, :n_old + T], PieceMask(n_old, T, C)
+        k_all = torch.cat([self.k[r0:r1, :, :n_old], k], dim=2)  # (R, n_kv, n_old + T, hd)
+        v_all = torch.cat([self.v[r0:r1, :, :n_old], v], dim=2)
+        m = (s + T - 1) % C + 1  # the last chunk's keys in this piece go to slots 0 .. m-1
+        self.k[r0:r1, :, :m] = k[:, :, T - m:]
+        self.v[r0:r1, :, :m] = v[:, :, T - m:]
+        return k_all, v_all, PieceMask(n_old, T, C)
+
+
+class KVCache:
+    """Per-layer caches for ``max_batch`` rows, plus each row's length and decode state.
+
+    ``capacity`` is the longest sequence (prompt + generated) a row may hold; :meth:`reserve`
+    raises it. ``static=True`` makes every decode step expose the same shapes (the whole
+    capacity, masked), which is what a compiled decode step needs.
+    """
+
+    def __init__(self, args: ModelArgs, max_batch: int, capacity: int, *, device=None,
+                 dtype: torch.dtype = torch.float32, static: bool = False):
+        if max_batch < 1 or capacity < 1:
+            raise ValueError(f"KVCache needs max_batch >= 1 and capacity >= 1, got {max_batch}, {capacity}")
+        self.max_batch = max_batch
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.hd
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.static = static
+        self.chunk = args.attention_chunk_size
+        self.capacity = capacity
+        self.layers: list[_LayerCache] = []
+        for i in range(args.n_layers):
+            if self.chunk is not None and not args.is_nope_layer(i):
+                self.layers.append(ChunkedLayerCache(self, min(self.chunk, capacity), self.chunk))
+            else:
+                self.layers.append(FullLayerCache(self, capacity))
+        self.lengths = [0] * max_batch  # tokens stored per row (host)
+        self.decoding = [False] * max_batch  # rows taking part in decode steps (host)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next position
+        self.active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
+        self._plan: _Prefill | _Decode | None = None
+        self._arange = torch.arange(capacity, device=self.device)
+
+    @classmethod
+    def for_model(cls, model, max_batch: int, capacity: int, static: bool = False) -> "KVCache":
+        p = next(model.parameters())
+        return cls(model.args, max_batch, capacity, device=p.device, dtype=p.dtype, static=static)
+
+    # --- the LayerKVCache list the model indexes --------------------------------------------
+    def __getitem__(self, i: int) -> _LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    # --- rows -------------------------------------------------------------------------------
+    def reserve(self, capacity: int) -> None:
+        """Make room for sequences of ``capacity`` tokens (doubling, so growth is amortised)."""
+        if capacity <= self.capacity:
+            return
+        new = max(capacity, 2 * self.capacity)
+        for layer in self.layers:
+            if isinstance(layer, ChunkedLayerCache):
+                layer.resize(min(self.chunk, new))
+            else:
+                layer.resize(new)
+        self.capacity = new
+        self._arange = torch.arange(new, device=self.device)
+
+    def reset(self, row: int) -> None:
+        """Forget a row's contents (its slot is then free for another sequence)."""
+        self.lengths[row] = 0
+        self.set_decoding(row, False)
+
+    def set_decoding(self, row: int, on: bool) -> None:
+        """Add a prefilled row to (or remove it from) the decode steps. No device read."""
+        self.decoding[row] = on
+        self.active[row] = on
+        self.pos[row] = self.lengths[row] if on else 0
+
+    def n_rows(self) -> int:
+        """Decode steps run over rows [0, n_rows): up to the last decoding row."""
+        return max((r + 1 for r in range(self.max_batch) if self.decoding[r]), default=0)
+
+    # --- forward passes ---------------------------------------------------------------------
+    def prefill(self, model, tokens: torch.Tensor, rows: range | int = 0, piece: int = 2048) -> torch.Tensor:
+        """Append ``tokens`` (R, T) to rows ``rows`` (consecutive, all of the same length) in pieces
+        of at most ``piece`` tokens; returns the logits (R, V) after the last token.
+
+        Piece ends are aligned to multiples of ``piece`` so that, with a piece size that divides
+        the chunk or is a multiple of it, pieces line up with chunk boundaries.
+        """
+        if isinstance(rows, int):
+            rows = range(rows, rows + 1)
+        r0, r1 = rows.start, rows.stop
+        if tokens.dim() != 2 or tokens.shape[0] != r1 - r0 or tokens.shape[1] < 1:
+            raise ValueError(f"prefill: tokens must be ({r1 - r0}, T>=1), got {tuple(tokens.shape)}")
+        start = self.lengths[r0]
+        if any(self.lengths[r] != start for r in rows):
+            raise ValueError("prefill: rows of one call must hold the same number of tokens")
+        T = tokens.shape[1]
+        self.reserve(start + T)
+        logits = None
+        s = start
+        while s < start + T:
+            e = min(start + T, (s // piece + 1) * piece)
+            self._plan = _Prefill(r0, r1, s, e - s)
+            positions = torch.arange(s, e, device=self.device)
+            try:
+                logits = model(tokens[:, s - start:e - start], positions=positions, cache=self,
+                               last_only=True)
+            finally:
+                self._plan = None
+            s = e
+        for r in rows:
+            self.lengths[r] = start + T
+            if self.decoding[r]:
+                self.pos[r] = start + T
+        return logits[:, -1]
+
+    def decode(self, model, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for every row in [0, n_rows()): tokens (n, 1) -> logits (n, V).
+
+        Rows that are not decoding compute garbage into the scratch slots. Advances the
+        positions of decoding rows on the device and their lengths on the host.
+        """
+        n = tokens.shape[0]
+        rows = [r for r in range(n) if self.decoding[r]]
+        if not rows:
+            raise ValueError("decode: no row in the batch is decoding")
+        need = max(self.lengths[r] for r in rows) + 1
+        self.reserve(need)
+        self._plan = self._decode_plan(n, rows, need)
+        try:
+            logits = model(tokens, positions=self.pos[:n].view(n, 1), cache=self)
+        finally:
+            self._plan = None
+        self.pos[:n] += self.active[:n]
+        for r in rows:
+            self.lengths[r] += 1
+        return logits[:, -1]
+
+    def _decode_plan(self, n: int, rows: list[int], need: int) -> _Decode:
+        pos, act = self.pos[:n], self.active[:n]
+        ring = next((layer for layer in self.layers if isinstance(layer, ChunkedLayerCache)), None)
+        full_cap = self.capacity
+        uniform = len(rows) == n and len({self.lengths[r] for r in rows}) == 1
+        # Global layers: keys 0 .. p per row.
+        full_keys = full_cap if self.static else need
+        full_mask = None
+        if self.static or not uniform:
+            full_mask = (self._arange[:full_keys] <= pos.unsqueeze(1)).view(n, 1, 1, full_keys)
+        full_idx = torch.where(act, pos, full_cap).view(n, 1, 1, 1)
+        ring_idx = ring_mask = None
+        ring_keys = 0
+        if ring is not None:
+            size, C = ring.size, self.chunk
+            slot = pos % C
+            ring_keys = size if self.static else min(size, max(self.lengths[r] % C for r in rows) + 1)
+            if self.static or not uniform:
+                ring_mask = (self._arange[:ring_keys] <= slot.unsqueeze(1)).view(n, 1, 1, ring_keys)
+            ring_idx = torch.where(act, slot, size).view(n, 1, 1, 1)
+        return _Decode(n, full_idx, ring_idx, full_keys, ring_keys, full_mask, ring_mask)

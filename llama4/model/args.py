@@ -1,0 +1,203 @@
+"""Typed configuration of the Llama 4 text decoder, and the named flavors.
+
+Field names follow Meta's reference (`llama_models/llama4/args.py`) where it has one; the Hugging
+Face names are mapped in `llama4/checkpoint/hf.py`. Every field is validated on construction and
+errors name the field, so a bad config.json fails at load time and not deep inside torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration; the message names the offending field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style frequency scaling (Scout: factor 16, low 1, high 1, original context 8192)."""
+
+    factor: float = 16.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 1.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"rope_scaling.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.high_freq_factor < self.low_freq_factor:
+            raise ConfigError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be >= "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+
+
+@dataclass
+class ModelArgs:
+    # vocabulary and width
+    vocab_size: int = 202048
+    dim: int = 5120
+    n_layers: int = 48
+    n_heads: int = 40
+    n_kv_heads: int = 8
+    head_dim: int | None = 128  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    attention_bias: bool = False
+
+    # mixture of experts; n_experts = 0 makes every FFN dense
+    n_experts: int = 16
+    top_k: int = 1
+    expert_dim: int = 8192  # width of every routed expert and of the shared expert
+    dense_dim: int = 16384  # width of the FFN in non-MoE layers
+    interleave_moe_layer_step: int = 1  # layer i is MoE iff (i + 1) % step == 0
+    moe_layers: tuple[int, ...] | None = None  # explicit list; overrides the step
+
+    # iRoPE: RoPE + chunked local attention, except NoPE + global attention every N-th layer
+    nope_layer_interval: int | None = 4  # layer i is NoPE iff (i + 1) % interval == 0
+    nope_layers: tuple[int, ...] | None = None  # explicit list; overrides the interval
+    attention_chunk_size: int | None = 8192  # None: RoPE layers attend globally too
+    use_qk_norm: bool = True  # weightless RMS norm of q, k after RoPE (RoPE layers only)
+    attn_temperature_tuning: bool = True  # NoPE layers: q *= 1 + attn_scale*log1p(floor((p+1)/floor_scale))
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+
+    max_seq_len: int = 262144  # advisory context limit for inference; never enforced by the model
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        for name in ("moe_layers", "nope_layers"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, tuple(int(i) for i in v))
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "top_k", "expert_dim",
+                    "dense_dim", "interleave_moe_layer_step", "floor_scale", "rope_theta", "norm_eps",
+                    "max_seq_len")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"ModelArgs.{name} must be a positive number, got {v!r}")
+        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ConfigError(f"ModelArgs.n_experts must be an int >= 0, got {self.n_experts!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise ConfigError(f"ModelArgs.head_dim must be a positive int or None, got {self.head_dim!r}")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
+                              "when head_dim is not given")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"ModelArgs.n_heads ({self.n_heads}) must be divisible by n_kv_heads "
+                              f"({self.n_kv_heads})")
+        if self.hd % 2:
+            raise ConfigError(f"ModelArgs.head_dim ({self.hd}) must be even for RoPE")
+        if self.n_experts and self.top_k > self.n_experts:
+            raise ConfigError(f"ModelArgs.top_k ({self.top_k}) exceeds n_experts ({self.n_experts})")
+        if self.attention_chunk_size is not None and (
+                not isinstance(self.attention_chunk_size, int) or self.attention_chunk_size <= 0):
+            raise ConfigError(f"ModelArgs.attention_chunk_size must be a positive int or None, "
+                              f"got {self.attention_chunk_size!r}")
+        if self.nope_layer_interval is not None and (
+                not isinstance(self.nope_layer_interval, int) or self.nope_layer_interval <= 0):
+            raise ConfigError(f"ModelArgs.nope_layer_interval must be a positive int or None, "
+                              f"got {self.nope_layer_interval!r}")
+        if self.attn_scale < 0:
+            raise ConfigError(f"ModelArgs.attn_scale must be >= 0, got {self.attn_scale!r}")
+        for name in ("moe_layers", "nope_layers"):
+            for i in getattr(self, name) or ():
+                if not 0 <= i < self.n_layers:
+                    raise ConfigError(f"ModelArgs.{name} contains layer {i}, outside [0, {self.n_layers})")
+        if self.moe_layers and not self.n_experts:
+            raise ConfigError("ModelArgs.moe_layers is non-empty but n_experts is 0")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"ModelArgs.rope_scaling must be RopeScaling, a dict or None, "
+                              f"got {type(self.rope_scaling).__name__}")
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def hd(self) -> int:
+        """The per-head width actually used."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        if not self.n_experts:
+            return False
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        return (i + 1) % self.interleave_moe_layer_step == 0
+
+    def is_nope_layer(self, i: int) -> bool:
+        if self.nope_layers is not None:
+            return i in self.nope_layers
+        return self.nope_layer_interval is not None and (i + 1) % self.nope_layer_interval == 0
+
+    def replace(self, **changes) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for name in ("moe_layers", "nope_layers"):
+            if d[name] is not None:
+                d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelArgs field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# Named flavors. Scout and Maverick are the released configs (LLAMA4.md, Part A).
+
+def _debug() -> ModelArgs:
+    # Tiny but complete: MoE every 2nd layer (dense + MoE interleave), a NoPE layer, chunked
+    # attention with a small chunk, QK-norm, temperature tuning that kicks in within a short run.
+    return ModelArgs(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+                     n_experts=8, top_k=1, expert_dim=256, dense_dim=512, interleave_moe_layer_step=2,
+                     nope_layer_interval=4, attention_chunk_size=64, floor_scale=128.0,
+                     max_seq_len=1 << 20)
+
+
+def _scout() -> ModelArgs:
+    return ModelArgs(interleave_moe_layer_step=1, n_experts=16, use_qk_norm=True,
+                     rope_scaling=RopeScaling(factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                                              original_max_position_embeddings=8192),
+                     max_seq_len=10485760)
+
+
+def _maverick() -> ModelArgs:
+    return ModelArgs(interleave_moe_layer_step=2, n_experts=128, use_qk_norm=False, rope_scaling=None,
+                     max_seq_len=1048576)
+
+
+def _behemoth() -> ModelArgs:
+    # Meta published only "~2T total, 288B active, 16 experts". We keep Scout's recipe (MoE in
+    # every layer, top-1 routed + 1 shared expert, GQA with 8 KV heads, head_dim 128, iRoPE every
+    # 4th layer) and solve for the rest: per layer, attention a = 2*D*(H+KV)*hd and expert
+    # e = 3*D*F give total ~ L*(a + 17e) and active ~ L*(a + 2e), so total/active ~ 6.9 fixes
+    # a ~ 0.52e. D = 16384 with 128 heads gives a = 0.57B, hence F ~ 22.1k -> 22528 (a multiple of
+    # 2048, as Meta rounds). L = 100 then gives 1.95T total and 285B active (`llama4 params behemoth`).
+    return ModelArgs(dim=16384, n_layers=100, n_heads=128, n_kv_heads=8, head_dim=128,
+                     n_experts=16, top_k=1, expert_dim=22528, dense_dim=45056, interleave_moe_layer_step=1,
+                     rope_scaling=None, max_seq_len=262144)
+
+
+FLAVORS = {"debug": _debug, "scout": _scout, "maverick": _maverick, "behemoth": _behemoth}
+
+
+def flavor(name: str) -> ModelArgs:
+    try:
+        return FLAVORS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}") from None
