@@ -8,19 +8,35 @@ import sys
 
 
 def _params(a: argparse.Namespace) -> int:
-    from llama4.model import count_params, flavor, kv_bytes_per_token
+    from llama4.model import count_params, flavor, kv_bytes_per_token, vision_flavor
 
     args = flavor(a.flavor)
-    counts = count_params(args)
+    counts = count_params(args, vision_flavor(a.flavor))  # with the vision tower, where the flavor has one
     if a.kv:
         counts["kv_bytes_per_token"] = kv_bytes_per_token(args)
     if a.json:
         print(json.dumps(counts))
     else:
         print(f"{a.flavor}: total {counts['total'] / 1e9:.2f}B, active {counts['active'] / 1e9:.2f}B")
-        for k, v in counts.get("kv_bytes_per_token", {}).items():
-            print(f"  kv {k}: {v:,} bytes")
+        if "vision" in counts:
+            print(f"  text decoder {counts['text'] / 1e9:.2f}B + vision encoder, adapter, projector "
+                  f"{counts['vision'] / 1e9:.3f}B")
+        if a.kv:
+            _print_kv(args, counts["kv_bytes_per_token"])
     return 0
+
+
+def _print_kv(args, kv: dict) -> None:
+    """KV-cache cost per token of context, bf16: a naive cache vs one that follows iRoPE."""
+    n_global = sum(args.is_nope_layer(i) or args.attention_chunk_size is None for i in range(args.n_layers))
+    print(f"  KV cache, bf16, per sequence ({args.n_layers} layers: {n_global} global/NoPE, "
+          f"{args.n_layers - n_global} chunked, chunk {args.attention_chunk_size}):")
+    print(f"    naive (every layer keeps everything): {kv['all_layers']:,} bytes per token")
+    print(f"    iRoPE-bounded (llama4.infer.KVCache):  {kv['global_layers']:,} bytes per token "
+          f"+ {kv['local_layer_bound']:,} bytes fixed (the chunked layers' rings)")
+    for n in (8192, 131072, 1 << 20, 10 << 20):
+        bounded = kv["global_layers"] * n + kv["local_layer_bound"] * min(1.0, n / (args.attention_chunk_size or n))
+        print(f"    {n:>10,} tokens: naive {kv['all_layers'] * n / 2**30:10.2f} GiB   bounded {bounded / 2**30:10.2f} GiB")
 
 
 def _demo(a: argparse.Namespace) -> int:
@@ -35,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("params", help="parameter counts of a flavor (meta device, nothing allocated)")
     sp.add_argument("flavor")
-    sp.add_argument("--json", action="store_true", help='print {"total": N, "active": N}')
+    sp.add_argument("--json", action="store_true",
+                    help='print {"total": N, "active": N} (+ "text", "vision" for a multimodal flavor)')
     sp.add_argument("--kv", action="store_true", help="also report KV-cache bytes per token (bf16)")
     sp.set_defaults(func=_params)
 
@@ -47,14 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.data.cli import add_subparser as add_data
     from llama4.infer.cli import add_subparsers as add_infer
     from llama4.tokenizer.cli import add_subparser as add_tokenizer
+    from llama4.train.cli import add_subparser as add_train
+    from llama4.distributed.cli import add_subparsers as add_distributed
 
     add_tokenizer(sub)  # llama4 tokenizer train
     add_data(sub)  # llama4 data prepare
     add_infer(sub)  # llama4 generate / chat / serve
+    add_train(sub)  # llama4 train
+    add_distributed(sub)  # llama4 plan / dcp to-hf / dcp from-hf
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["train"]:
+        # Before anything imports torch: OpenMP reads its wait policy once, and spinning threads
+        # run training 3-10x slower on a shared 2-core machine (PLATFORM.md). The environment wins.
+        import os
+
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     a = parser.parse_args(argv)
     try:

@@ -217,3 +217,19 @@ def test_reset_row_is_reused(model):
         cache.reset(0)
         out = cache.prefill(model, seq[:, 5:], 0, piece=4)[0]
     assert (out - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_lse_kernel_and_reference_agree(causal):
+    from llama4.infer.masks import attention_lse, attention_lse_reference
+
+    g = torch.Generator().manual_seed(int(causal))
+    q = torch.randn(2, 4, 7, 16, generator=g)
+    S = 7 if causal else 11
+    k, v = torch.randn(2, 2, S, 16, generator=g), torch.randn(2, 2, S, 16, generator=g)
+    o1, l1 = attention_lse(q, k, v, causal)
+    o2, l2 = attention_lse_reference(q, k, v, causal, block=3)
+    assert (o1 - o2).abs().max() < 1e-5 and (l1 - l2).abs().max() < 1e-5
+    mask = torch.ones(7, S, dtype=torch.bool).tril() if causal else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (o1 - ref).abs().max() < 1e-5

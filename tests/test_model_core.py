@@ -74,7 +74,9 @@ def test_flavor_param_counts_match_published():
 def test_params_cli_json():
     out = subprocess.run([sys.executable, "-m", "llama4", "params", "scout", "--json"], capture_output=True,
                          text=True, check=True).stdout
-    assert json.loads(out) == {"total": 107_769_861_120, "active": 17_172_894_720}
+    # Scout with its vision tower (LLAMA4.md: 108.64B text+vision = 107.77B + 0.872B)
+    assert json.loads(out) == {"total": 108_641_793_536, "active": 17_172_894_720, "text": 107_769_861_120,
+                               "vision": 871_932_416}
 
 
 def _masked_reference(q, k, v, chunk):

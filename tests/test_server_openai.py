@@ -263,3 +263,19 @@ def test_api_key_is_enforced_and_server_keeps_serving(server, client):
     r = client.chat.completions.create(model="tiny-chat", messages=user("still there?"), max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
     assert server["engine"].running == 0 and not server["engine"].waiting
+
+
+def test_client_disconnect_mid_stream_frees_the_row(server):
+    engine = server["engine"]
+    aborted = engine.stats["aborted"]
+    body = dict(model="tiny-chat", messages=user("a long answer please"), max_tokens=300, temperature=0,
+                stream=True)
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    deadline = time.monotonic() + 30
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.running == 0 and engine.stats["aborted"] == aborted + 1  # aborted, not decoded to the end

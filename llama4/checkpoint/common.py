@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llama4.model import ConfigError, ModelArgs, Transformer
+from llama4.model import ConfigError, ModelArgs, MultimodalTransformer, Transformer, VisionArgs
 
 
 class CheckpointError(ValueError):
@@ -27,10 +27,14 @@ def describe(keys: Iterable[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def build_on_meta(args: ModelArgs) -> Transformer:
-    """The model's skeleton: every parameter on the meta device, nothing allocated."""
+def build_on_meta(args: ModelArgs, vision: VisionArgs | None = None,
+                  image_token_id: int | None = None) -> Transformer | MultimodalTransformer:
+    """The model's skeleton: every parameter on the meta device, nothing allocated. With
+    ``vision`` the early-fusion model (text decoder + vision tower + projector)."""
     with torch.device("meta"):
-        return Transformer(args)
+        if vision is None:
+            return Transformer(args)
+        return MultimodalTransformer(args, vision, image_token_id)
 
 
 def resolve_dtype(value, source: str) -> torch.dtype | None:
@@ -61,49 +65,20 @@ def check_shape(name: str, shape, expected, source: str) -> None:
                               f"expected {tuple(expected)} for this config")
 
 
-def materialize(model: Transformer, state: dict[str, torch.Tensor], device, source: str) -> Transformer:
+def materialize(model: torch.nn.Module, state: dict[str, torch.Tensor], device, source: str):
     """Hand ``state`` (our names) to a meta-device ``model`` by reference (``assign=True``), then
-    rebuild the non-persistent buffers (RoPE frequencies) on ``device``."""
+    rebuild the non-persistent buffers (RoPE tables) on ``device``."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, state, source)
     for k, v in state.items():
         check_shape(k, v.shape, expected[k], source)
     model.load_state_dict(state, strict=True, assign=True)
     device = torch.device(device) if device is not None else next(iter(state.values())).device
-    rebuild_buffers(model, device, source)
+    model.init_buffers(device)  # RoPE frequencies, MoE selection bias: in no checkpoint
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:  # cannot happen after a strict load; kept as the last guard against a partial model
         raise CheckpointError(f"{source}: tensors left unloaded: {describe(left)}")
     return model.eval()
-
-
-# Non-persistent buffers are not in checkpoints; after a meta-device build they are rebuilt here.
-# A buffer-only module with ``reset_parameters`` (RoPE frequencies) recomputes itself; the others
-# are listed with their initial value. An unknown one is an error, so a model change cannot slip
-# an uninitialised buffer into a loaded model.
-ZERO_INIT_BUFFERS = {"expert_bias"}  # MoE's selection bias (inert at zero)
-
-
-def rebuild_buffers(model: torch.nn.Module, device, source: str) -> None:
-    for name, module in model.named_modules():
-        meta_bufs = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
-        if not meta_bufs:
-            continue
-        has_params = any(True for _ in module.parameters(recurse=False))
-        if hasattr(module, "reset_buffers"):
-            for n in meta_bufs:
-                b = module._buffers[n]
-                module._buffers[n] = torch.empty(b.shape, dtype=b.dtype, device=device)
-            module.reset_buffers()
-        elif not has_params and hasattr(module, "reset_parameters"):
-            module.to_empty(device=device, recurse=False)
-            module.reset_parameters()
-        elif all(n in ZERO_INIT_BUFFERS for n in meta_bufs):
-            for n in meta_bufs:
-                b = module._buffers[n]
-                module._buffers[n] = torch.zeros(b.shape, dtype=b.dtype, device=device)
-        else:
-            raise CheckpointError(f"{source}: cannot rebuild buffer(s) {meta_bufs} of module {name!r}")
 
 
 def wrap_config_error(e: ConfigError, source: str, names: Mapping[str, str]) -> CheckpointConfigError:
@@ -118,13 +93,15 @@ def wrap_config_error(e: ConfigError, source: str, names: Mapping[str, str]) -> 
     return CheckpointConfigError(f"{source}: inconsistent config: {msg}")
 
 
-def unwrap_model(model) -> Transformer:
-    """Our Transformer behind torch.compile / DDP wrappers."""
+def unwrap_model(model) -> Transformer | MultimodalTransformer:
+    """Our Transformer (or MultimodalTransformer) behind torch.compile / DDP wrappers."""
+    ours = (Transformer, MultimodalTransformer)
     for attr in ("_orig_mod", "module"):
-        while hasattr(model, attr) and not isinstance(model, Transformer):
+        while hasattr(model, attr) and not isinstance(model, ours):
             model = getattr(model, attr)
-    if not isinstance(model, Transformer):
-        raise CheckpointError(f"can only save a llama4.model.Transformer, got {type(model).__name__}")
+    if not isinstance(model, ours):
+        raise CheckpointError(f"can only save a llama4.model.Transformer or MultimodalTransformer, "
+                              f"got {type(model).__name__}")
     return model
 
 

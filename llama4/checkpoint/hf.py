@@ -4,8 +4,9 @@ Semantics follow transformers 5.24 (`Llama4TextConfig.__post_init__`, `RotaryEmb
 as recorded in LLAMA4.md Part B §1 and §5. A text-only checkpoint (`Llama4ForCausalLM`,
 ``model_type: llama4_text``) names its tensors ``model.*`` / ``lm_head.weight``; a multimodal one
 (`Llama4ForConditionalGeneration`, ``model_type: llama4``) prefixes the same names with
-``language_model.`` and adds the vision tower (``vision_model.*``, ``multi_modal_projector.*``),
-which the text model skips by name until the vision room exists.
+``language_model.`` and adds the vision tower (``vision_model.*``, ``multi_modal_projector.*``,
+``VISION_RULES``), read into a `MultimodalTransformer` whose own names are ``text.*``,
+``vision.*`` and ``projector.*``.
 
 No I/O here: `store.py` reads and writes the files.
 """
@@ -51,7 +52,8 @@ FIELD_NAMES = {
 
 TEXT_ARCH, TEXT_MODEL_TYPE = "Llama4ForCausalLM", "llama4_text"
 MM_MODEL_TYPE, MM_TEXT_PREFIX = "llama4", "language_model."
-# Multimodal tensors outside the text decoder: loaded by the vision room, skipped by the text model.
+# Multimodal tensors outside the text decoder (VISION_RULES): `load` reads them into a
+# MultimodalTransformer; a reader of the text part alone skips them by these prefixes.
 MM_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
@@ -346,6 +348,27 @@ TEXT_RULES: tuple[Rule, ...] = (
 )
 
 
+# The vision tower: our MultimodalTransformer's ``vision.*`` / ``projector.*`` <-> HF's
+# ``vision_model.*`` / ``multi_modal_projector.*``. ``{i}`` is the ViT layer.
+VISION_RULES: tuple[Rule, ...] = (
+    _one("vision.encoder.patch_embedding.weight", "vision_model.patch_embedding.linear.weight"),
+    _one("vision.encoder.class_embedding", "vision_model.class_embedding"),
+    _one("vision.encoder.positional_embedding", "vision_model.positional_embedding_vlm"),
+    *(_one(f"vision.encoder.{o}.{p}", f"vision_model.{h}.{p}")
+      for o, h in (("ln_pre", "layernorm_pre"), ("ln_post", "layernorm_post")) for p in ("weight", "bias")),
+    *(_one(f"vision.encoder.layers.{{i}}.{o}.{p}", f"vision_model.model.layers.{{i}}.{h}.{p}")
+      for o, h in (("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                   ("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+                   ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+                   ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+      for p in ("weight", "bias")),
+    _one("vision.adapter.fc1.weight", "vision_model.vision_adapter.mlp.fc1.weight"),
+    _one("vision.adapter.fc2.weight", "vision_model.vision_adapter.mlp.fc2.weight"),
+    _one("projector.weight", "multi_modal_projector.linear_1.weight"),
+)
+MM_OURS_TEXT_PREFIX = "text."  # MultimodalTransformer.text
+
+
 @dataclass(frozen=True)
 class Mapped:
     """One rule instantiated for one layer."""
@@ -355,36 +378,53 @@ class Mapped:
     rule: Rule
 
 
-def plan(our_keys, n_layers: int, prefix: str = "") -> list[Mapped]:
-    """Every (our tensors <-> HF tensors) group for a model whose state dict has ``our_keys``;
-    raises if one of our tensors has no rule (a model change the table does not know)."""
-    our_keys = set(our_keys)
-    out, covered = [], set()
-    for rule in TEXT_RULES:
+def _instantiate(rules, our_keys: set, n_layers: int, ours_prefix: str, hf_prefix: str,
+                 covered: set) -> list[Mapped]:
+    out = []
+    for rule in rules:
         layers = range(n_layers) if "{i}" in rule.ours[0] else (None,)
         for i in layers:
-            ours = tuple(k.format(i=i) for k in rule.ours)
+            ours = tuple(ours_prefix + k.format(i=i) for k in rule.ours)
             if all(k in our_keys for k in ours):
-                out.append(Mapped(ours, tuple(prefix + k.format(i=i) for k in rule.hf), rule))
+                out.append(Mapped(ours, tuple(hf_prefix + k.format(i=i) for k in rule.hf), rule))
                 covered.update(ours)
+    return out
+
+
+def plan(our_keys, n_layers: int, prefix: str = "", n_vision_layers: int | None = None) -> list[Mapped]:
+    """Every (our tensors <-> HF tensors) group for a model whose state dict has ``our_keys``;
+    raises if one of our tensors has no rule (a model change the table does not know).
+
+    A text ``Transformer``: ``prefix`` is put before the HF names ("" or "language_model.").
+    A ``MultimodalTransformer`` (``n_vision_layers`` given): our ``text.*`` map to
+    ``language_model.*`` and the vision tower follows ``VISION_RULES``."""
+    our_keys = set(our_keys)
+    covered: set = set()
+    if n_vision_layers is None:
+        out = _instantiate(TEXT_RULES, our_keys, n_layers, "", prefix, covered)
+    else:
+        out = (_instantiate(TEXT_RULES, our_keys, n_layers, MM_OURS_TEXT_PREFIX, MM_TEXT_PREFIX, covered)
+               + _instantiate(VISION_RULES, our_keys, n_vision_layers, "", "", covered))
     unmapped = our_keys - covered
     if unmapped:
         raise KeyError(f"no HF name for tensor(s) {sorted(unmapped)}")
     return out
 
 
-def hf_tensors(state: Mapping[str, torch.Tensor], n_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(state: Mapping[str, torch.Tensor], n_layers: int,
+               n_vision_layers: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Our state dict -> (HF name, tensor) pairs, one group at a time (so saving never holds a
     second copy of the whole model)."""
-    for m in plan(state.keys(), n_layers):
+    for m in plan(state.keys(), n_layers, n_vision_layers=n_vision_layers):
         for name, t in zip(m.hf, m.rule.to_hf([state[k] for k in m.ours])):
             yield name, t
 
 
-def hf_shapes(meta_state: Mapping[str, torch.Tensor], n_layers: int, prefix: str = "") -> dict[str, tuple]:
+def hf_shapes(meta_state: Mapping[str, torch.Tensor], n_layers: int, prefix: str = "",
+              n_vision_layers: int | None = None) -> dict[str, tuple]:
     """The HF tensor shapes a model expects, from its meta-device state dict."""
     shapes = {}
-    for m in plan(meta_state.keys(), n_layers, prefix):
+    for m in plan(meta_state.keys(), n_layers, prefix, n_vision_layers):
         for name, t in zip(m.hf, m.rule.to_hf([meta_state[k] for k in m.ours])):
             shapes[name] = tuple(t.shape)
     return shapes

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from llama4.checkpoint import hf, meta
-from llama4.checkpoint.common import (CheckpointError, as_path, build_on_meta, check_keys, check_shape, describe,
-                                      materialize, resolve_dtype, unwrap_model)
-from llama4.model import Transformer
+from llama4.checkpoint import hf, hf_vision, meta
+from llama4.checkpoint.common import (CheckpointError, as_path, build_on_meta, check_keys,
+                                      check_shape, describe, materialize, resolve_dtype, unwrap_model)
+from llama4.model import MultimodalTransformer, Transformer
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -42,9 +42,10 @@ _OWN_FILES = re.compile(r"^(config\.json|generation_config\.json|model\.safetens
 # --------------------------------------------------------------------------------------------
 # load
 
-def load(path, dtype=None, device=None) -> Transformer:
-    """A Llama 4 text model from a Hugging Face directory (config.json + safetensors, text-only or
-    the text part of a multimodal checkpoint) or Meta's layout (params.json + consolidated.*.pth).
+def load(path, dtype=None, device=None) -> Transformer | MultimodalTransformer:
+    """A Llama 4 model from a Hugging Face directory (config.json + safetensors) or Meta's layout
+    (params.json + consolidated.*.pth, text only). A text-only HF checkpoint gives a `Transformer`;
+    a multimodal one (``Llama4ForConditionalGeneration``) a `MultimodalTransformer`.
 
     ``dtype``: the parameter dtype (default: the checkpoint's). ``device``: where the weights go
     (default: cpu)."""
@@ -131,26 +132,35 @@ class SafetensorsSet:
         self._handles.clear()
 
 
-def load_hf(path, dtype=None, device=None) -> Transformer:
+def load_hf(path, dtype=None, device=None) -> Transformer | MultimodalTransformer:
     path = as_path(path)
     device = torch.device(device) if device is not None else torch.device("cpu")
     cfg_file = path / HF_CONFIG
-    text = hf.args_from_hf_config(_read_json(cfg_file), str(cfg_file))
+    cfg = _read_json(cfg_file)
+    text = hf.args_from_hf_config(cfg, str(cfg_file))
+    vision = hf_vision.vision_args_from_hf_config(cfg, str(cfg_file))
     files = SafetensorsSet(path)
     try:
         if dtype is None and text.dtype not in (None, "auto"):
             dtype = resolve_dtype(text.dtype, str(cfg_file))
-        model = build_on_meta(text.args)
+        if vision is None:
+            model = build_on_meta(text.args)
+            layout = dict(prefix=text.prefix)
+            ours_embed = "tok_embeddings.weight"
+        else:  # the whole Llama4ForConditionalGeneration: nothing is skipped
+            model = build_on_meta(text.args, vision.args, vision.image_token_id)
+            layout = dict(n_vision_layers=vision.args.n_layers)
+            ours_embed = hf.MM_OURS_TEXT_PREFIX + "tok_embeddings.weight"
         meta_state = model.state_dict()
-        groups = hf.plan(meta_state.keys(), text.args.n_layers, text.prefix)
-        expected = hf.hf_shapes(meta_state, text.args.n_layers, text.prefix)
+        groups = hf.plan(meta_state.keys(), text.args.n_layers, **layout)
+        expected = hf.hf_shapes(meta_state, text.args.n_layers, **layout)
         lm_head = text.prefix + "lm_head.weight"
         tied = text.tie_word_embeddings and lm_head not in files.where  # read lm_head from the embedding
         src = str(files.source)
         missing = [k for k in expected if k not in files.where and not (tied and k == lm_head)]
         if missing:
             raise CheckpointError(f"{src}: missing tensor(s): {describe(missing)}")
-        extra = [k for k in files.where if k not in expected and not k.startswith(text.skip_prefixes)]
+        extra = [k for k in files.where if k not in expected]
         if extra:
             raise CheckpointError(f"{files.where[extra[0]]}: unexpected tensor(s): {describe(extra)}")
         for k, shape in expected.items():
@@ -171,7 +181,7 @@ def load_hf(path, dtype=None, device=None) -> Transformer:
                 state[k] = t
         dtypes = {t.dtype for t in state.values()}
         if len(dtypes) > 1:  # mixed dtypes on disk and no dtype asked: use the embedding's
-            dt = state["tok_embeddings.weight"].dtype
+            dt = state[ours_embed].dtype
             state = {k: v.to(dt) for k, v in state.items()}
         return materialize(model, state, device, src)
     finally:
@@ -265,7 +275,8 @@ def _fsync(p: Path):
 
 
 def save(model, path, max_shard_size="5GB", dtype=None) -> Path:
-    """Write ``model`` as a Hugging Face ``Llama4ForCausalLM`` checkpoint that transformers loads.
+    """Write ``model`` as a Hugging Face checkpoint that transformers loads: ``Llama4ForCausalLM``
+    for a `Transformer`, ``Llama4ForConditionalGeneration`` for a `MultimodalTransformer`.
 
     ``max_shard_size``: bytes, or a string such as "5GB"; larger models are split into
     model-0000k-of-0000n.safetensors with model.safetensors.index.json. ``dtype``: the dtype
@@ -285,10 +296,17 @@ def save(model, path, max_shard_size="5GB", dtype=None) -> Path:
             raise CheckpointError(f"{path}: exists and holds files a checkpoint save would not write "
                                   f"({describe(foreign, 4)}); refusing to replace it")
     state = model.state_dict()
-    out_dtype = dtype or state["tok_embeddings.weight"].dtype
+    if isinstance(model, MultimodalTransformer):
+        layout = dict(n_vision_layers=model.vision_args.n_layers)
+        out_dtype = dtype or state[hf.MM_OURS_TEXT_PREFIX + "tok_embeddings.weight"].dtype
+        cfg = hf_vision.hf_mm_config_from_args(args, model.vision_args, model.image_token_id, out_dtype)
+    else:
+        layout = {}
+        out_dtype = dtype or state["tok_embeddings.weight"].dtype
+        cfg = hf.hf_config_from_args(args, out_dtype)
 
     # Shard plan from sizes alone (HF names in table order); data converted one shard at a time.
-    names, sizes, groups = [], {}, hf.plan(state.keys(), args.n_layers)
+    names, sizes, groups = [], {}, hf.plan(state.keys(), args.n_layers, **layout)
     for g in groups:
         numel = sum(state[k].numel() for k in g.ours)
         per = numel // len(g.hf)
@@ -308,7 +326,6 @@ def save(model, path, max_shard_size="5GB", dtype=None) -> Path:
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        cfg = hf.hf_config_from_args(args, out_dtype)
         (tmp / HF_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         mode = (tmp / HF_CONFIG).stat().st_mode & 0o777
         buffers: list[dict[str, torch.Tensor]] = [{} for _ in shards]

@@ -17,6 +17,7 @@ def _sampling_args(sp: argparse.ArgumentParser, temperature: float) -> None:
     sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     sp.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
 
 
 def _setup(a):
@@ -29,7 +30,7 @@ def _setup(a):
     return load_model_dir(a.model, dtype=a.dtype, device=a.device)
 
 
-def _stream(model, tok, prompt: list[int], a, out) -> list[int]:
+def _stream(model, tok, prompt: list[int], a, out, pixel_values=None) -> list[int]:
     """Generate and print text as it comes; returns the generated ids (stop token included)."""
     from llama4.infer.detok import TextStream
     from llama4.infer.generate import generate_stream
@@ -37,7 +38,8 @@ def _stream(model, tok, prompt: list[int], a, out) -> list[int]:
     text = TextStream(tok, skip_ids=tok.stop_tokens)
     ids: list[int] = []
     for chunk in generate_stream(model, [prompt], a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed,
-                                 stop=tok.stop_tokens, sync_every=1):
+                                 stop=tok.stop_tokens, sync_every=1, compile=a.compile,
+                                 pixel_values=None if pixel_values is None else [pixel_values]):
         ids += chunk[0]
         out.write(text.push(chunk[0]))
         out.flush()
@@ -46,10 +48,26 @@ def _stream(model, tok, prompt: list[int], a, out) -> list[int]:
     return ids
 
 
+def _image_prompt(model, tok, messages):
+    """Chat-format ids and pixel tiles of messages holding image parts (``llama4.vision.prompt``)."""
+    from llama4.vision.prompt import ImageSpec, encode_prompt
+
+    if not hasattr(model, "vision_args"):
+        raise ValueError("this model has no vision tower; --image needs a multimodal checkpoint")
+    p = encode_prompt(tok, messages, ImageSpec.for_model(model))
+    return p.ids, p.pixel_values
+
+
 def _generate(a) -> int:
     from llama4.tokenizer.chat_format import encode_dialog_prompt
 
     model, tok, _ = _setup(a)
+    if a.image:  # images imply the chat format: one user turn, the images first
+        parts = [{"type": "image", "image": path} for path in a.image] + [{"type": "text", "text": a.prompt}]
+        prompt, pixels = _image_prompt(model, tok, [{"role": "user", "content": parts}])
+        _stream(model, tok, prompt, a, sys.stdout, pixels)
+        sys.stdout.write("\n")
+        return 0
     if a.chat_format:
         prompt = encode_dialog_prompt(tok, [{"role": "user", "content": a.prompt}])
     else:
@@ -66,9 +84,11 @@ def _chat(a) -> int:
 
     model, tok, name = _setup(a)
     messages = [{"role": "system", "content": a.system}] if a.system else []
+    images = list(a.image or [])  # attached to the next user message
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {name} (empty line or /exit to quit, /reset to forget the conversation)")
+        print(f"chatting with {name} (empty line or /exit to quit, /reset to forget the conversation, "
+              "/image PATH to show it an image)")
     while True:
         if interactive:
             sys.stdout.write("you> ")
@@ -79,11 +99,29 @@ def _chat(a) -> int:
         if line.strip() == "/reset":
             messages = messages[:1] if a.system else []
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = encode_dialog_prompt(tok, messages)
+        if line.strip().startswith("/image "):
+            images.append(line.strip()[len("/image "):].strip())
+            continue
+        text = line.rstrip("\n")
+        if images:
+            messages.append({"role": "user", "content": [{"type": "image", "image": p} for p in images]
+                             + [{"type": "text", "text": text}]})
+            images = []
+        else:
+            messages.append({"role": "user", "content": text})
+        pixels = None
+        if any(isinstance(m["content"], list) for m in messages):
+            try:
+                prompt, pixels = _image_prompt(model, tok, messages)
+            except ValueError as e:  # a bad image: say so, forget that turn, keep chatting
+                print(f"error: {e}", file=sys.stderr)
+                messages.pop()
+                continue
+        else:
+            prompt = encode_dialog_prompt(tok, messages)
         if interactive:
             sys.stdout.write("assistant> ")
-        ids = _stream(model, tok, prompt, a, sys.stdout)
+        ids = _stream(model, tok, prompt, a, sys.stdout, pixels)
         sys.stdout.write("\n")
         reply = tok.decode([i for i in ids if i not in tok.stop_tokens])
         messages.append({"role": "assistant", "content": reply})
@@ -98,7 +136,7 @@ def _serve(a) -> int:
         torch.set_num_threads(a.threads)
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
           max_batch=a.max_batch, max_context=a.max_context, dtype=a.dtype, device=a.device,
-          default_max_tokens=a.default_max_tokens, log_level=a.log_level)
+          default_max_tokens=a.default_max_tokens, log_level=a.log_level, compile=a.compile)
     return 0
 
 
@@ -108,11 +146,15 @@ def add_subparsers(sub) -> None:
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--chat-format", action="store_true", help="wrap the prompt as one user turn")
     sp.add_argument("--no-bos", action="store_true", help="do not prepend <|begin_of_text|>")
+    sp.add_argument("--image", action="append", metavar="PATH",
+                    help="an image for a multimodal model (repeatable; implies --chat-format)")
     sp.set_defaults(func=_generate)
 
     sp = sub.add_parser("chat", help="multi-turn chat in the terminal (Llama 4 chat format)")
     _sampling_args(sp, temperature=0.7)
     sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--image", action="append", metavar="PATH",
+                    help="an image shown with the first message (repeatable; later: /image PATH)")
     sp.set_defaults(func=_chat)
 
     sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
@@ -128,4 +170,5 @@ def add_subparsers(sub) -> None:
     sp.add_argument("--device", default=None)
     sp.add_argument("--threads", type=int, default=None)
     sp.add_argument("--log-level", default="info")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     sp.set_defaults(func=_serve)

@@ -27,6 +27,7 @@ import torch
 
 from llama4.infer.kv_cache import KVCache
 from llama4.infer.sampling import Sampler, SamplingParams
+from llama4.infer.step import DecodeStep
 
 log = logging.getLogger("llama4.engine")
 
@@ -37,6 +38,7 @@ class EngineConfig:
     max_context: int | None = None  # prompt + generated tokens per request; None: model.args.max_seq_len
     prefill_chunk: int = 2048  # tokens per prefill piece
     initial_capacity: int = 1024  # KV slots per row allocated up front (grows by doubling)
+    compile: bool = False  # decode steps through torch.compile (llama4.infer.step)
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "initial_capacity"):
@@ -65,6 +67,8 @@ class Request:
     error: str | None = None
     row: int | None = None
     prefilled: int = 0
+    pixel_values: torch.Tensor | None = None  # image tiles of a multimodal prompt (llama4.vision.prompt)
+    embeds: torch.Tensor | None = None  # (1, T, D) the prompt's embeddings with the images merged, while prefilling
     aborted: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -81,7 +85,8 @@ class Engine:
         p = next(model.parameters())
         self.device = p.device
         cap = min(self.config.initial_capacity, self.max_context)
-        self.cache = KVCache.for_model(model, self.config.max_batch, cap)
+        self.cache = KVCache.for_model(model, self.config.max_batch, cap, static=self.config.compile)
+        self._step_fn = DecodeStep(model, compile=self.config.compile)
         self.sampler = Sampler(self.config.max_batch, self.device)
         self.last_tok = torch.zeros(self.config.max_batch, dtype=torch.long, device=self.device)
         self.rows: list[Request | None] = [None] * self.config.max_batch
@@ -89,14 +94,17 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = {"steps": 0, "decode_steps": 0, "prefill_pieces": 0, "max_running": 0}
+        self.stats = {"steps": 0, "decode_steps": 0, "prefill_pieces": 0, "max_running": 0, "aborted": 0}
 
     # --- public, thread-safe -----------------------------------------------------------------
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None,
-               stop_ids=(), sink: Sink | None = None) -> Request:
-        """Queue a request; raises ValueError for a prompt or length the engine cannot serve."""
+               stop_ids=(), sink: Sink | None = None, pixel_values: torch.Tensor | None = None) -> Request:
+        """Queue a request; raises ValueError for a prompt or length the engine cannot serve.
+        ``pixel_values``: the image tiles of a multimodal prompt (a `MultimodalTransformer` only)."""
         if not prompt:
             raise ValueError("the prompt is empty")
+        if pixel_values is not None and not hasattr(self.model, "embed"):
+            raise ValueError("this model has no vision tower; it cannot take images")
         V = self.model.args.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < V for t in prompt):
             raise ValueError(f"prompt token ids must be ints in [0, {V})")
@@ -105,7 +113,8 @@ class Engine:
         if len(prompt) + max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"context limit of {self.max_context} tokens")
-        req = Request(list(prompt), max_tokens, params or SamplingParams(), frozenset(stop_ids), sink)
+        req = Request(list(prompt), max_tokens, params or SamplingParams(), frozenset(stop_ids), sink,
+                      pixel_values=pixel_values)
         with self._lock:
             self.waiting.append(req)
             self._lock.notify()
@@ -178,6 +187,9 @@ class Engine:
 
     def _schedule(self) -> None:
         with self._lock:
+            for req in [q for q in self.waiting if q.aborted]:  # cancelled before they got a row
+                self.waiting.remove(req)
+                self._finish(req, "abort")
             while self.waiting and None in self.rows:
                 req = self.waiting.popleft()
                 if req.aborted:
@@ -195,8 +207,15 @@ class Engine:
         s = req.prefilled
         e = min(len(req.prompt), (s // P + 1) * P)
         tokens = torch.tensor([req.prompt[s:e]], device=self.device)
-        logits = self.cache.prefill(self.model, tokens, req.row, piece=P)
+        if req.pixel_values is not None and req.embeds is None:  # the vision tower runs once per request
+            req.embeds = self.model.embed(torch.tensor([req.prompt], device=self.device),
+                                          req.pixel_values.to(self.device))
+            req.pixel_values = None
+        embeds = None if req.embeds is None else req.embeds[:, s:e]
+        logits = self.cache.prefill(self.model, tokens, req.row, piece=P, embeds=embeds)
         req.prefilled = e
+        if e == len(req.prompt):
+            req.embeds = None
         self.stats["prefill_pieces"] += 1
         if e == len(req.prompt):
             tok = self.sampler.sample_rows(logits, [req.row])  # (1,)
@@ -207,7 +226,7 @@ class Engine:
 
     def _decode(self) -> None:
         n = self.cache.n_rows()
-        logits = self.cache.decode(self.model, self.last_tok[:n].view(n, 1))
+        logits = self.cache.decode(self._step_fn, self.last_tok[:n].view(n, 1))
         tok = self.sampler(logits)
         self.last_tok[:n] = tok
         ids = tok.tolist()  # one read per step: the tokens every running request streams
@@ -233,6 +252,8 @@ class Engine:
         if req.finished:
             return
         req.state, req.finish_reason = "finished", reason
+        if reason == "abort":
+            self.stats["aborted"] += 1
         if req.row is not None and self.rows[req.row] is req:
             self.cache.reset(req.row)
             self.sampler.set_row(req.row, None)

@@ -17,6 +17,7 @@ import torch
 
 from llama4.infer.kv_cache import KVCache
 from llama4.infer.sampling import Sampler, SamplingParams
+from llama4.infer.step import DecodeStep
 
 
 def _as_prompts(prompt_ids) -> tuple[list[list[int]], bool]:
@@ -35,6 +36,18 @@ def _as_prompts(prompt_ids) -> tuple[list[list[int]], bool]:
     raise ValueError("prompt_ids must be a list of token ids, a list of such lists, or a tensor")
 
 
+def _as_images(model, pixel_values, n: int) -> list:
+    """One tile tensor (or None) per prompt."""
+    if pixel_values is None:
+        return [None] * n
+    images = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
+    if len(images) != n:
+        raise ValueError(f"pixel_values: {len(images)} entries for {n} prompts (one tensor or None per prompt)")
+    if any(im is not None for im in images) and not hasattr(model, "embed"):
+        raise ValueError("this model has no vision tower; it cannot take images")
+    return images
+
+
 def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
     for i, p in enumerate(prompts):
         if not p:
@@ -47,11 +60,16 @@ def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
 @torch.no_grad()
 def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int | None = None, seed: int | None = None, stop: Iterable[int] | None = None, *,
-                    prefill_chunk: int = 2048, sync_every: int = 16) -> Iterator[list[list[int]]]:
+                    prefill_chunk: int = 2048, sync_every: int = 16, compile: bool = False,
+                    pixel_values=None) -> Iterator[list[list[int]]]:
     """Yields, every ``sync_every`` decode steps, the new token ids of each row since the last
     yield (an empty list for rows that are done). A row ends after its first stop token (which
-    is included) or after ``max_new_tokens`` tokens."""
+    is included) or after ``max_new_tokens`` tokens. ``compile`` runs the decode steps through
+    ``torch.compile`` (see ``llama4.infer.step``; the first call compiles for seconds).
+    ``pixel_values``: image tiles for a `MultimodalTransformer`, one tensor (or None) per prompt
+    (a bare tensor for a single prompt), consumed at prefill (``llama4.vision.prompt``)."""
     prompts, _ = _as_prompts(prompt_ids)
+    images = _as_images(model, pixel_values, len(prompts))
     _check_prompts(prompts, model.args.vocab_size)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -63,12 +81,15 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
     if max_new_tokens == 0:
         return
     device = next(model.parameters()).device
-    cache = KVCache.for_model(model, B, max(len(p) for p in prompts) + max_new_tokens)
+    cache = KVCache.for_model(model, B, max(len(p) for p in prompts) + max_new_tokens, static=compile)
+    step = DecodeStep(model, compile=compile)
     sampler = Sampler(B, device)
     logits = []
     for r, p in enumerate(prompts):
         sampler.set_row(r, params)
-        logits.append(cache.prefill(model, torch.tensor([p], device=device), r, piece=prefill_chunk))
+        ids = torch.tensor([p], device=device)
+        embeds = None if images[r] is None else model.embed(ids, images[r].to(device))
+        logits.append(cache.prefill(model, ids, r, piece=prefill_chunk, embeds=embeds))
         cache.set_decoding(r, True)
     tok = sampler(torch.cat(logits))  # (B,)
     pending = [tok]
@@ -95,7 +116,7 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
             if all(done):
                 return
         n = cache.n_rows()
-        logits = cache.decode(model, tok[:n].view(n, 1))
+        logits = cache.decode(step, tok[:n].view(n, 1))
         tok = sampler(logits)
         if n < B:  # rows past n are done; keep the shape for stacking
             tok = torch.cat([tok, tok.new_zeros(B - n)])
@@ -105,17 +126,20 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int | None = None, seed: int | None = None, stop: Iterable[int] | None = None, *,
-             prefill_chunk: int = 2048, sync_every: int = 16) -> list[int] | list[list[int]]:
+             prefill_chunk: int = 2048, sync_every: int = 16, compile: bool = False,
+             pixel_values=None) -> list[int] | list[list[int]]:
     """New token ids for one prompt (a list of ids) or for each of several prompts.
 
     ``temperature=0`` is greedy. ``stop`` token ids end a sequence (the stop token is the last
     id returned). Rows of a batch are independent: each gets the tokens it would get alone
-    (with ``seed``, each row's sampling stream is seeded alike).
+    (with ``seed``, each row's sampling stream is seeded alike). ``pixel_values`` as in
+    `generate_stream`.
     """
     prompts, single = _as_prompts(prompt_ids)
     result: list[list[int]] = [[] for _ in prompts]
     for chunk in generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop,
-                                 prefill_chunk=prefill_chunk, sync_every=sync_every):
+                                 prefill_chunk=prefill_chunk, sync_every=sync_every, compile=compile,
+                                 pixel_values=pixel_values):
         for r, ids in enumerate(chunk):
             result[r].extend(ids)
     return result[0] if single else result

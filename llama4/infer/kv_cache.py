@@ -142,6 +142,8 @@ class KVCache:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.static = static
+        if static:  # round up, so calls with similar lengths share one compiled graph
+            capacity = max(256, 1 << (capacity - 1).bit_length())
         self.chunk = args.attention_chunk_size
         self.capacity = capacity
         self.layers: list[_LayerCache] = []
@@ -198,13 +200,19 @@ class KVCache:
         self.pos[row] = self.lengths[row] if on else 0
 
     def n_rows(self) -> int:
-        """Decode steps run over rows [0, n_rows): up to the last decoding row."""
+        """Decode steps run over rows [0, n_rows): up to the last decoding row (all rows in static
+        mode, so the shapes never change)."""
+        if self.static:
+            return self.max_batch if any(self.decoding) else 0
         return max((r + 1 for r in range(self.max_batch) if self.decoding[r]), default=0)
 
     # --- forward passes ---------------------------------------------------------------------
-    def prefill(self, model, tokens: torch.Tensor, rows: range | int = 0, piece: int = 2048) -> torch.Tensor:
+    def prefill(self, model, tokens: torch.Tensor, rows: range | int = 0, piece: int = 2048,
+                embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Append ``tokens`` (R, T) to rows ``rows`` (consecutive, all of the same length) in pieces
-        of at most ``piece`` tokens; returns the logits (R, V) after the last token.
+        of at most ``piece`` tokens; returns the logits (R, V) after the last token. ``embeds``
+        (R, T, D), when given, are fed instead of the token embeddings (a multimodal prompt with
+        its image features merged in: ``MultimodalTransformer.embed``).
 
         Piece ends are aligned to multiples of ``piece`` so that, with a piece size that divides
         the chunk or is a multiple of it, pieces line up with chunk boundaries.
@@ -226,8 +234,8 @@ class KVCache:
             self._plan = _Prefill(r0, r1, s, e - s)
             positions = torch.arange(s, e, device=self.device)
             try:
-                logits = model(tokens[:, s - start:e - start], positions=positions, cache=self,
-                               last_only=True)
+                logits = model(tokens[:, s - start:e - start], positions=positions, cache=self, last_only=True,
+                               inputs_embeds=None if embeds is None else embeds[:, s - start:e - start])
             finally:
                 self._plan = None
             s = e
@@ -238,7 +246,8 @@ class KVCache:
         return logits[:, -1]
 
     def decode(self, model, tokens: torch.Tensor) -> torch.Tensor:
-        """One token for every row in [0, n_rows()): tokens (n, 1) -> logits (n, V).
+        """One token for every row in [0, n_rows()): tokens (n, 1) -> logits (n, V). ``model`` is
+        the model or anything called like it (a compiled decode step).
 
         Rows that are not decoding compute garbage into the scratch slots. Advances the
         positions of decoding rows on the device and their lengths on the host.

@@ -51,6 +51,13 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, _expand_kv(k, H), _expand_kv(v, H), 0.0, causal)
         return out, lse
+    return attention_lse_reference(q, k, v, causal, block)
+
+
+def attention_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                            block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_lse` for any device: exact, blockwise over queries (memory O(block x S))."""
+    B, H, T, hd = q.shape
     k, v = _expand_kv(k, H), _expand_kv(v, H)
     scale = hd ** -0.5
     outs, lses = [], []

@@ -47,7 +47,7 @@ class Sampler:
         self.params: list[SamplingParams | None] = [None] * max_batch
         self.generators: list[torch.Generator | None] = [None] * max_batch
         self.shared = torch.Generator(device=self.device)
-        self.shared.manual_seed(torch.seed() % (1 << 63))
+        self.shared.seed()  # non-deterministic, without touching the global RNG
         self._tensors: dict[int, tuple] = {}
 
     def set_row(self, row: int, params: SamplingParams | None) -> None:

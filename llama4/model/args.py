@@ -157,6 +157,96 @@ class ModelArgs:
         return cls(**d)
 
 
+@dataclass
+class VisionArgs:
+    """The vision tower of early fusion (Meta's ``VisionArgs``; HF's ``Llama4VisionConfig``): a ViT
+    over square tiles, a pixel shuffle, a two-layer GELU adapter, and the projector into the text
+    width. Scout and Maverick share one (LLAMA4.md Part A)."""
+
+    dim: int = 1408  # ViT width
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_dim: int = 5632  # ViT MLP width
+    image_size: int = 336  # tile side in pixels
+    patch_size: int = 14
+    n_channels: int = 3
+    pixel_shuffle_ratio: float = 0.5  # tokens per tile shrink by ratio**2, channels grow by 1/ratio**2
+    output_dim: int = 4096  # adapter width (fc1 out, fc2 in/out) = the projector's input
+    rope_theta: float = 10000.0  # 2D RoPE over patch (x, y)
+    norm_eps: float = 1e-5  # the ViT's LayerNorms
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "mlp_dim", "image_size", "patch_size", "n_channels",
+                     "output_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"VisionArgs.{name} must be a positive int, got {v!r}")
+        for name in ("pixel_shuffle_ratio", "rope_theta", "norm_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"VisionArgs.{name} must be a positive number, got {v!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"VisionArgs.image_size ({self.image_size}) must be a multiple of "
+                              f"patch_size ({self.patch_size})")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"VisionArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.hd % 4:
+            raise ConfigError(f"VisionArgs: head width dim/n_heads = {self.hd} must be a multiple of 4 "
+                              "(2D RoPE rotates a quarter of the pairs by x and a quarter by y)")
+        k = 1 / self.pixel_shuffle_ratio
+        if not _is_int(k):
+            raise ConfigError(f"VisionArgs.pixel_shuffle_ratio must be 1/k for an integer k (Llama 4: 0.5), "
+                              f"got {self.pixel_shuffle_ratio!r}")
+        if self.grid % round(k):
+            raise ConfigError(f"VisionArgs: the patch grid image_size/patch_size = {self.grid} must be a "
+                              f"multiple of 1/pixel_shuffle_ratio = {round(k)}")
+
+    @property
+    def hd(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def grid(self) -> int:
+        """Patches per tile side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image tokens (``<|patch|>`` positions) per tile after the pixel shuffle (144 for Scout)."""
+        return (self.grid // self.shuffle_factor) ** 2
+
+    @property
+    def shuffled_dim(self) -> int:
+        """Channels after the pixel shuffle: the adapter's input width (5632 for Scout)."""
+        return self.dim * self.shuffle_factor ** 2
+
+    @property
+    def shuffle_factor(self) -> int:
+        """k = 1/pixel_shuffle_ratio: each k x k block of patches becomes one token."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    def replace(self, **changes) -> "VisionArgs":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown VisionArgs field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _is_int(x: float) -> bool:
+    return abs(x - round(x)) < 1e-9
+
+
 # --------------------------------------------------------------------------------------------
 # Named flavors. Scout and Maverick are the released configs (LLAMA4.md, Part A).
 
@@ -197,7 +287,26 @@ FLAVORS = {"debug": _debug, "scout": _scout, "maverick": _maverick, "behemoth": 
 
 
 def flavor(name: str) -> ModelArgs:
+    """The text decoder of a named flavor."""
     try:
         return FLAVORS[name]()
     except KeyError:
         raise ConfigError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}") from None
+
+
+def _debug_vision() -> VisionArgs:
+    # 28 px tiles of 7 px patches: a 4x4 grid, 4 image tokens per tile after the shuffle.
+    return VisionArgs(dim=64, n_layers=2, n_heads=4, mlp_dim=256, image_size=28, patch_size=7, output_dim=128)
+
+
+# The vision tower of each multimodal flavor (Scout and Maverick share Meta's released one;
+# Behemoth's is unpublished, so it has none here).
+VISION_FLAVORS = {"debug": _debug_vision, "scout": VisionArgs, "maverick": VisionArgs}
+
+
+def vision_flavor(name: str) -> VisionArgs | None:
+    """The vision tower of a named flavor, or None for a text-only flavor."""
+    if name not in FLAVORS:
+        raise ConfigError(f"unknown flavor {name!r}; known: {', '.join(FLAVORS)}")
+    make = VISION_FLAVORS.get(name)
+    return make() if make else None

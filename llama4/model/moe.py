@@ -92,6 +92,8 @@ class MoE(nn.Module):
         scores, ids = self.route(x)
         if self.impl == "loop":
             routed = self._loop(x, scores, ids)
+        elif self.impl == "gather":
+            routed = self._gather(x, scores, ids)
         else:
             flat_ids = ids.reshape(-1)  # (N*k,)
             order = torch.argsort(flat_ids, stable=True)
@@ -99,8 +101,16 @@ class MoE(nn.Module):
             counts = torch.bincount(flat_ids, minlength=self.n_experts)
             routed_in = x[token] * scores.reshape(-1)[order].unsqueeze(-1)  # (N*k, D)
             routed_out = self.experts(routed_in, counts)
-            routed = torch.zeros_like(x).index_add(0, token, routed_out)
+            routed = torch.zeros_like(x).index_add(0, token, routed_out.to(x.dtype))  # autocast: bf16 out
         return (self.shared_expert(x) + routed).view(shape)
+
+    def _gather(self, x, scores, ids):
+        # Decode-sized inputs: each (token, expert) pair multiplies its expert's weights, indexed
+        # directly (gpt-fast's MoE). No sort and no data-dependent shapes, so it compiles.
+        w = self.experts
+        xin = x.unsqueeze(1) * scores.unsqueeze(-1)  # (N, k, D)
+        h = F.silu(torch.einsum("nkd,nkdf->nkf", xin, w.w1[ids])) * torch.einsum("nkd,nkdf->nkf", xin, w.w3[ids])
+        return torch.einsum("nkf,nkfd->nd", h, w.w2[ids])  # (N, D), the k outputs summed
 
     def _loop(self, x, scores, ids):
         out = torch.zeros_like(x)
@@ -110,5 +120,5 @@ class MoE(nn.Module):
             if token.numel() == 0:
                 continue
             xe = x[token] * scores[token, slot].unsqueeze(-1)
-            out = out.index_add(0, token, (F.silu(xe @ w.w1[e]) * (xe @ w.w3[e])) @ w.w2[e])
+            out = out.index_add(0, token, ((F.silu(xe @ w.w1[e]) * (xe @ w.w3[e])) @ w.w2[e]).to(out.dtype))
         return out

@@ -105,9 +105,10 @@ class Transformer(nn.Module):
                 m.expert_bias = torch.zeros(m.n_experts, device=device)
 
     def set_moe_impl(self, impl: str) -> None:
-        """"grouped" (sparse grouped matmul) or "loop" (per-expert reference)."""
-        if impl not in ("grouped", "loop"):
-            raise ValueError(f"unknown MoE impl {impl!r}; use 'grouped' or 'loop'")
+        """"grouped" (sparse grouped matmul), "loop" (per-expert reference) or "gather" (indexed
+        expert weights: for decode-sized batches and torch.compile)."""
+        if impl not in ("grouped", "loop", "gather"):
+            raise ValueError(f"unknown MoE impl {impl!r}; use 'grouped', 'loop' or 'gather'")
         for m in self.modules():
             if isinstance(m, MoE):
                 m.impl = impl

@@ -74,6 +74,7 @@ class Server:
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
+        self.max_images = 8  # per request: Llama 4 was post-trained with up to 8 (LLAMA4.md Part A)
 
     # --- validation ----------------------------------------------------------------------------
     def _check_common(self, req: P._Sampling) -> None:
@@ -108,17 +109,31 @@ class Server:
         for i, m in enumerate(messages):
             content = m.content
             if isinstance(content, list):
-                if any(isinstance(p, P.ImagePart) for p in content):
-                    raise APIError(400, "Image inputs are not supported by this server.",
+                if any(isinstance(p, P.ImagePart) for p in content) and not hasattr(self.engine.model, "vision_args"):
+                    raise APIError(400, "Image inputs are not supported by this model (it has no vision tower).",
                                    f"messages.{i}.content", "unsupported_content")
-                content = [{"type": "text", "text": p.text} for p in content]
+                content = [{"type": "text", "text": p.text} if isinstance(p, P.TextPart) else
+                           {"type": "image_url", "image_url": p.image_url.url if isinstance(p.image_url, P.ImageURL)
+                            else p.image_url or ""} for p in content]
             role = "system" if m.role == "developer" else m.role
             out.append({"role": role, "content": content if content is not None else ""})
         return out
 
     # --- running requests ------------------------------------------------------------------------
+    def _image_prompt(self, dialog: list[dict]):
+        """Ids and pixel tiles of a dialog with images; a bad image is a 400 naming why."""
+        from llama4.vision import ImageError
+        from llama4.vision.prompt import ImageSpec, encode_prompt
+
+        try:
+            p = encode_prompt(self.tok, dialog, ImageSpec.for_model(self.engine.model, max_images=self.max_images),
+                              allow_paths=False)
+        except ImageError as e:
+            raise APIError(400, f"invalid image: {e}", "messages", "invalid_image") from None
+        return p.ids, p.pixel_values
+
     async def _run(self, prompts: list[list[int]], n: int, max_tokens: list[int], params: SamplingParams,
-                   stop_ids, stop_strings) -> AsyncIterator[tuple[_Choice, str, bool]]:
+                   stop_ids, stop_strings, pixel_values=None) -> AsyncIterator[tuple[_Choice, str, bool]]:
         """Submits len(prompts) * n requests; yields (choice, new text, finished) as tokens come."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -135,7 +150,8 @@ class Server:
                 seed = None if params.seed is None else params.seed + c.index
                 p = SamplingParams(params.temperature, params.top_p, params.top_k, seed)
                 try:
-                    c.req = self.engine.submit(c.prompt, max_tokens[c.index // n], p, stop_ids, sink_for(c))
+                    c.req = self.engine.submit(c.prompt, max_tokens[c.index // n], p, stop_ids, sink_for(c),
+                                               pixel_values=pixel_values)
                 except ValueError as e:
                     raise APIError(400, str(e), None, "invalid_value") from None
             left = len(choices)
@@ -174,8 +190,13 @@ class Server:
             raise APIError(400, "logprobs are not supported.", "logprobs", "unsupported_parameter")
         if req.tools:
             raise APIError(400, "tools are not supported by this server.", "tools", "unsupported_parameter")
+        dialog, pixels = self._dialog(req.messages), None
         try:
-            prompt = encode_dialog_prompt(self.tok, self._dialog(req.messages))
+            if any(isinstance(m["content"], list) and any(p["type"] == "image_url" for p in m["content"])
+                   for m in dialog):
+                prompt, pixels = await asyncio.to_thread(self._image_prompt, dialog)
+            else:
+                prompt = encode_dialog_prompt(self.tok, dialog)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -183,7 +204,7 @@ class Server:
         max_tokens = self._max_tokens(mt, len(prompt), param, "messages")
         params = self._params(req)
         rid, created = P.new_id("chatcmpl"), P.now()
-        gen = self._run([prompt], req.n, [max_tokens], params, self.tok.stop_tokens, req.stop_strings)
+        gen = self._run([prompt], req.n, [max_tokens], params, self.tok.stop_tokens, req.stop_strings, pixels)
         if not req.stream:
             choices = {}
             async for c, _, finished in gen:
@@ -353,15 +374,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 8, max_context: int | None = None,
           dtype: str | None = None, device: str | None = None, default_max_tokens: int = 512,
-          log_level: str = "info") -> None:
+          log_level: str = "info", compile: bool = False) -> None:
     """Load ``model_dir`` and serve it until interrupted (binds loopback unless told otherwise)."""
     import uvicorn
 
     from llama4.infer.engine import EngineConfig
     from llama4.infer.model_dir import load_model_dir
 
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
     model, tok, name = load_model_dir(model_dir, dtype=dtype, device=device)
-    engine = Engine(model, EngineConfig(max_batch=max_batch, max_context=max_context))
+    engine = Engine(model, EngineConfig(max_batch=max_batch, max_context=max_context, compile=compile))
     app = create_app(engine, tok, model_name or name, api_key, default_max_tokens)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 

@@ -35,8 +35,14 @@ class TextPart(_Req):
     text: str
 
 
+class ImageURL(_Req):
+    url: str
+    detail: str | None = None
+
+
 class ImagePart(_Req):
     type: Literal["image_url", "image", "input_image"]
+    image_url: Union[ImageURL, str, None] = None  # a base64 data: URL (nothing is fetched)
 
 
 class ChatMessage(_Req):
