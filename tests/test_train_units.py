@@ -172,3 +172,19 @@ def test_metrics_truncate_after(tmp_path):
     log.truncate_after(3)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert not math.isnan(read_metrics(tmp_path)[-1]["loss"])
+
+
+def test_flops_per_token_counts_active_weights_and_attention():
+    from llama4.model import count_params
+    from llama4.train.flops import mean_keys_seen, train_flops_per_token
+
+    assert mean_keys_seen(8, None) == 4.5 and mean_keys_seen(8, 16) == 4.5
+    assert mean_keys_seen(8, 4) == 2.5 and mean_keys_seen(10, 4) == pytest.approx((10 + 10 + 3) / 10)
+    args = ModelArgs(vocab_size=64, dim=16, n_layers=4, n_heads=2, n_kv_heads=1, head_dim=8, n_experts=4,
+                     expert_dim=8, dense_dim=16, interleave_moe_layer_step=2, nope_layer_interval=4,
+                     attention_chunk_size=4, max_seq_len=64)
+    f = train_flops_per_token(args, 8)
+    dense_active = count_params(args.replace(n_experts=0, dense_dim=16))["active"]
+    moe_layer_extra = 2 * (3 * 16 * 8 + 16 * 4) - 3 * 16 * 16  # 2 MoE layers: 1 routed + shared + router vs dense
+    assert f["matmul"] == 6 * (dense_active + moe_layer_extra - 64 * 16)
+    assert f["attention"] == 3 * 4 * 2 * 8 * (3 * 2.5 + 4.5)  # three chunked layers, one NoPE layer

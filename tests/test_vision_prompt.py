@@ -118,6 +118,8 @@ def test_truncated_files(tmp_path):
         data = buf.getvalue()[: len(buf.getvalue()) // 2]
         with pytest.raises(ImageError, match="cannot decode|truncated|not an image"):
             preprocess(data)
+        with pytest.raises(ImageError, match="cannot decode"):  # a lazily opened PIL image
+            preprocess(Image.open(io.BytesIO(data)))
         p = tmp_path / f"half.{fmt.lower()}"
         p.write_bytes(data)
         with pytest.raises(ImageError, match=str(p)):

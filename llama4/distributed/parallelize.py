@@ -104,8 +104,9 @@ def apply_fsdp(model: Transformer, dims: ParallelDims) -> None:
 def parallelize(model: Transformer, dims: ParallelDims) -> Transformer:
     """Apply ``dims.cfg`` (TP, EP, activation checkpointing, FSDP2) to ``model`` in place.
 
-    Works on a model on the meta device (then `materialize`) or on a materialised one (its
-    weights are kept: rank 0's copies are the ones distributed)."""
+    Works on a model on the meta device (then `materialize`) or on a materialised one, whose
+    weights are kept: every rank must then hold the same ones (built from the same seed, as the
+    training loop does); each keeps its shard."""
     cfg = dims.cfg
     check_divisible(model.args, cfg)
     if cfg.tp > 1:
@@ -122,7 +123,9 @@ def materialize(model: Transformer, dims: ParallelDims, full_state: dict | None 
                 init_std: float = 0.02) -> Transformer:
     """Allocate a parallelized meta-device model on ``dims.device`` and fill it: from
     ``full_state`` (an unsharded state dict in our names, needed on rank 0 only: it is broadcast
-    and each rank keeps its shard) or else with ``init_weights``."""
+    and each rank keeps its shard) or else with ``init_weights`` on the shards. The latter is the
+    way for models too big for one device; its random values match a one-process init only where
+    DTensor's RNG tracker runs (CUDA): on CPU each rank draws its shards from its own generator."""
     model.to_empty(device=dims.device)
     with torch.no_grad():
         if full_state is None:

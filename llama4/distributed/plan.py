@@ -18,6 +18,7 @@ measures the same quantities on debug-size models and holds the two within a few
       attention (SDPA)      a(2H+2K)hd + 4H       (q, k, v, output, logsumexp)
       dense FFN             4aF                   (gate, silu, up, product)
       MoE                   aE + 40k + 3akD + 4akF + 4aF_shared  (router, dispatch, k experts, shared)
+                            + 4akD under EP (the rows the all-to-alls keep)
   with H, K, F divided by tp where TP splits them; activation checkpointing keeps aD per layer
   and recomputes one layer at a time (counted twice: its activations and their gradients). The head adds its RMSNorm, the fp32 log-softmax (4V),
   the logits (aV) and, when backward starts, their gradients ((4+a)V): the peak.
@@ -122,7 +123,7 @@ def valid(args: ModelArgs, layout: Layout) -> str | None:
 # --------------------------------------------------------------------------------------------
 # activations
 
-def layer_activation_bytes(args: ModelArgs, layer: int, a: int, tp: int = 1) -> float:
+def layer_activation_bytes(args: ModelArgs, layer: int, a: int, tp: int = 1, ep: int = 1) -> float:
     """Bytes our code saves for backward per token in ``layer`` (compute dtype of ``a`` bytes)."""
     D, hd, k = args.dim, args.hd, args.top_k
     H, K = args.n_heads // tp, args.n_kv_heads // tp
@@ -137,6 +138,8 @@ def layer_activation_bytes(args: ModelArgs, layer: int, a: int, tp: int = 1) -> 
     if args.is_moe_layer(layer):
         b += a * args.n_experts + 40 * k + 3 * a * k * D + 4 * a * k * args.expert_dim
         b += 4 * a * args.expert_dim // tp
+        if ep > 1:  # dispatched / combined rows the all-to-all autograd keeps (measured: 4 per routed row)
+            b += 4 * a * k * D
     else:
         b += 4 * a * args.dense_dim // tp
     return b
@@ -161,9 +164,10 @@ class Activations:
         return max(self.at_loss, self.layers + self.recompute)
 
 
-def activation_bytes(args: ModelArgs, tokens: int, a: int, tp: int = 1, ac: bool = False) -> Activations:
-    """Per GPU, for ``tokens`` tokens of micro-batch on the rank (all tp ranks see them all)."""
-    per_layer = [layer_activation_bytes(args, i, a, tp) for i in range(args.n_layers)]
+def activation_bytes(args: ModelArgs, tokens: int, a: int, tp: int = 1, ac: bool = False, ep: int = 1) -> Activations:
+    """Per GPU, for ``tokens`` tokens of micro-batch on the rank (all tp ranks see them all; under
+    EP a rank runs the rows routed to its experts, on average as many as its own)."""
+    per_layer = [layer_activation_bytes(args, i, a, tp, ep) for i in range(args.n_layers)]
     # AC: block inputs kept; one block's activations live again while it is recomputed
     layers = args.n_layers * a * args.dim if ac else sum(per_layer)
     V, D = args.vocab_size, args.dim
@@ -201,7 +205,7 @@ def train_memory(args: ModelArgs, layout: Layout, seq: int, micro_batch: int = 1
     params = s.tp_split / (t * layout.dp) + s.replicated / layout.dp + s.experts / D
     block = s.block_tp_split / t + s.block_replicated + s.block_experts / layout.ep
     buffers = 2 * block * compute_bytes + block * (compute_bytes + 4) + s.root * compute_bytes if fsdp else 0.0
-    acts = activation_bytes(args, micro_batch * seq, compute_bytes, t, layout.activation_checkpoint)
+    acts = activation_bytes(args, micro_batch * seq, compute_bytes, t, layout.activation_checkpoint, layout.ep)
     weights, grads, optim = params * master_bytes, params * grad_bytes, params * optim_bytes
     peak = weights + optim + buffers + max(acts.peak, grads)
     return TrainMemory(layout, params, weights, grads, optim, buffers, acts, peak)

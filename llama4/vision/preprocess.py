@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import platform
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
@@ -66,10 +67,14 @@ def load_image(src, max_pixels: int = MAX_PIXELS):
     Files and bytes get their EXIF orientation applied (as transformers' ``load_image`` does).
     Raises `ImageError` for anything that is not a complete image of at most ``max_pixels``
     pixels: the size is checked from the header, before any pixel is decoded."""
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(src, Image.Image):
         _check_size(src.size, max_pixels, "image")
+        try:
+            _load_strict(src)  # a lazily opened image decodes here
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"image: cannot decode the image ({type(e).__name__}: {e})") from None
         return src
     if isinstance(src, (bytes, bytearray, memoryview)):
         name, fp = "image bytes", io.BytesIO(bytes(src))
@@ -85,12 +90,7 @@ def load_image(src, max_pixels: int = MAX_PIXELS):
         # Pillow's own bomb guard trips at 2x its limit; ours is checked below, from the header.
         with Image.open(fp) as img:
             _check_size(img.size, max_pixels, name)
-            with _strict_lock:  # a truncated file is an error even where someone enabled LOAD_TRUNCATED_IMAGES
-                lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-                try:
-                    img.load()
-                finally:
-                    ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+            _load_strict(img)
             img = ImageOps.exif_transpose(img)
             return img.copy() if img is not None else img
     except ImageError:
@@ -101,6 +101,22 @@ def load_image(src, max_pixels: int = MAX_PIXELS):
         raise ImageError(f"{name}: too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
         raise ImageError(f"{name}: cannot decode the image ({type(e).__name__}: {e})") from None
+
+
+def _load_strict(img) -> None:
+    """Decode the pixels; a truncated file is an error even where someone enabled Pillow's global
+    LOAD_TRUNCATED_IMAGES (importing Meta's llama_models preprocess module does)."""
+    from PIL import ImageFile
+
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        img.load()
+        return
+    with _strict_lock:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
@@ -193,7 +209,7 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     native = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
-        os.uname().machine in ("aarch64", "arm64")
+        platform.machine() in ("aarch64", "arm64")
     lead = x.shape[:-3]
     x = x.reshape(-1, *x.shape[-3:])
     if native and x.device.type == "cpu":

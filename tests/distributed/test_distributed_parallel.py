@@ -63,21 +63,34 @@ def _worker(rank, world_size, args, state, data, out_dir):
 
 
 def _saved_bytes(model, tokens) -> int:
-    """Bytes this rank's blocks save for backward in one forward (storages once; weights excluded)."""
+    """Bytes this rank's blocks save for backward in one forward: storages counted once, the
+    weights (whatever FSDP / TP made of them while the block runs) left out."""
     from torch.distributed.tensor import DTensor
 
-    seen, total, on = set(), [0], [False]
+    def ptr(t):
+        local = t.to_local() if isinstance(t, DTensor) else t
+        try:
+            st = local.untyped_storage()
+            return st.data_ptr(), st.nbytes()
+        except RuntimeError:  # a functional collective's result still in flight: its own buffer
+            return id(local), local.numel() * local.element_size()
+
+    seen, weights, total, on = set(), set(), [0], [False]
+
+    def enter(block, *_):  # runs after FSDP's pre-forward hook: the gathered weights are in place
+        on[0] = True
+        weights.clear()  # only this block's: a freed gather buffer's address may hold activations now
+        weights.update(ptr(p)[0] for p in block.parameters())
 
     def pack(t):
-        local = t.to_local() if isinstance(t, DTensor) else t
-        st = local.untyped_storage()
-        if on[0] and not (t.is_leaf and t.requires_grad) and st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total[0] += st.nbytes()
+        key, nbytes = ptr(t)
+        if on[0] and key not in weights and key not in seen:
+            seen.add(key)
+            total[0] += nbytes
         return t
 
-    hooks = [model.layers[0].register_forward_pre_hook(lambda *a: on.__setitem__(0, True)),
-             model.norm.register_forward_pre_hook(lambda *a: on.__setitem__(0, False))]
+    hooks = [b.register_forward_pre_hook(enter) for b in model.layers]
+    hooks.append(model.norm.register_forward_pre_hook(lambda *a: on.__setitem__(0, False)))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens)
     for h in hooks:
@@ -174,10 +187,10 @@ def test_planned_activations_match_each_rank(runs):
 
     tokens = {"fsdp2": 2, "ep2": 2, "tp2": 4, "fsdp2_x_ep2": 2}  # sequences per rank
     for name, seqs in tokens.items():
-        tp = 2 if name == "tp2" else 1
-        planned = activation_bytes(tiny_args(), seqs * 32, 4, tp=tp).layers
+        tp, ep = (2 if name == "tp2" else 1), (2 if "ep" in name else 1)
+        planned = activation_bytes(tiny_args(), seqs * 32, 4, tp=tp, ep=ep).layers
         got = [r["saved"] for r in _result(runs, name)]
-        tol = 0.15 if "ep" in name else 0.03  # EP: each rank's expert load varies with routing
+        tol = 0.05 if ep > 1 else 0.03  # EP: each rank's share of the routed rows varies a little
         assert abs(sum(got) / 2 - planned) <= tol * planned, (name, got, planned)
     ac = _result(runs, "fsdp2_ac")[0]["saved"]
     assert ac < 0.25 * _result(runs, "fsdp2")[0]["saved"]  # checkpointed blocks keep only their inputs
