@@ -16,5 +16,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # would re-resolve torch, so it is installed without dependencies.
     .venv/bin/pip install -q fairscale==0.4.13 --no-deps
     .venv/bin/pip install -q -e ".[test]"
+    # transformers' Llama4ImageProcessor (an oracle) needs torchvision, whose PyPI wheel cannot be
+    # imported beside the CPU torch; it lives outside the venv's path and only the test loads it.
+    .venv/bin/pip install -q --no-deps --upgrade --target .venv/oracles/torchvision torchvision==0.28.0
     echo "$WANT" > "$STAMP"
 fi

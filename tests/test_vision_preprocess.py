@@ -8,8 +8,8 @@ and transparent images (composited onto white).
 The oracle needs torchvision, whose PyPI wheels are CUDA builds: importing one beside the CPU torch
 fails (it registers fake kernels for operators its unloadable C++ library should have defined), and
 once it is importable at all, every ``import transformers`` tries it. So it never goes into the venv:
-the test installs it with pip into .venv/oracles/ (or uses $LLAMA4_TORCHVISION_DIR), and runs the
-processor in a subprocess that defines the two missing operator schemas first. The processor's own
+scripts/setup.sh installs it with pip into .venv/oracles/ (or set $LLAMA4_TORCHVISION_DIR), and the
+test runs the processor in a subprocess that defines the two missing operator schemas first. The processor's own
 code and torchvision's resize/pad/normalize run unmodified.
 """
 
@@ -52,19 +52,11 @@ ORACLE = textwrap.dedent("""
 
 
 def _torchvision_dir() -> Path:
-    """A torchvision matching our torch, outside the venv's import path; installed on first use."""
+    """A torchvision matching our torch, outside the venv's import path (scripts/setup.sh)."""
     env = os.environ.get("LLAMA4_TORCHVISION_DIR")
-    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    version = f"0.{minor + 15}.0" if major == 2 else None  # torch 2.13 <-> torchvision 0.28
-    target = Path(env) if env else REPO / ".venv" / "oracles" / f"torchvision-{version}"
-    if (target / "torchvision" / "__init__.py").is_file():
-        return target
-    if version is None:
-        pytest.skip(f"no known torchvision for torch {torch.__version__}")
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                        f"torchvision=={version}"], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot install the torchvision oracle dependency: {r.stderr.strip()[-300:]}")
+    target = Path(env) if env else REPO / ".venv" / "oracles" / "torchvision"
+    if not (target / "torchvision" / "__init__.py").is_file():
+        pytest.fail(f"the torchvision oracle is missing at {target}: run scripts/setup.sh")
     return target
 
 

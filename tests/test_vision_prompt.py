@@ -82,8 +82,8 @@ def test_several_images_per_message_in_order(tok):
 
 def test_small_vision_spec_changes_tokens_per_tile(tok):
     spec = ImageSpec(tile_size=28, tokens_per_tile=4)
-    p = encode_prompt(tok, [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(skdata.camera())}]}],
-                      spec)
+    camera = Image.fromarray(skdata.camera())
+    p = encode_prompt(tok, [{"role": "user", "content": [{"type": "image", "image": camera}]}], spec)
     assert p.grids == [(4, 4)] and p.pixel_values.shape == (17, 3, 28, 28)
     assert p.ids.count(tok.special_tokens["<|patch|>"]) == 17 * 4
 
@@ -158,7 +158,8 @@ def test_prompt_level_errors(tok):
         encode_prompt(tok, user({"type": "image", "path": "/nonexistent.png"}))
     with pytest.raises(ImageError, match="not an image"):
         encode_prompt(tok, user({"type": "image", "image": "/etc/hostname"}))
-    tiny = "data:image/png;base64," + base64.b64encode(png_bytes(Image.fromarray(np.zeros((8, 8, 3), np.uint8)))).decode()
+    black = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    tiny = "data:image/png;base64," + base64.b64encode(png_bytes(black)).decode()
     with pytest.raises(ImageError, match="too many images"):
         encode_prompt(tok, [{"role": "user", "content": [{"type": "image_url", "image_url": tiny}] * 3}],
                       ImageSpec(max_images=2))

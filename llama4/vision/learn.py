@@ -110,7 +110,8 @@ def train(cfg: SeeConfig, model: MultimodalTransformer, data: DigitsVQA, prompts
             g["lr"] = lr
         idx = rng.choice(data.train, cfg.batch)
         langs = rng.choice(LANGUAGES, cfg.batch)
-        keys = [(str(lang), int(rng.integers(len(QUESTIONS[lang]))), int(data.labels[i])) for i, lang in zip(idx, langs)]
+        keys = [(str(lang), int(rng.integers(len(QUESTIONS[lang]))), int(data.labels[i]))
+                for i, lang in zip(idx, langs)]
         ids, mask = prompts.batch(keys)
         px = shift_tiles(data.pixel_values[idx].float(), cfg.shift, gen)
         logits = model(ids, pixel_values=px)
