@@ -23,7 +23,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 # Fields a resumed run may change without changing what it computes.
 OPERATIONAL = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches",
-    "final_eval_batches", "progress", "plots", "sample_tokens", "sample_langs", "threads",
+    "final_eval_batches", "load_eval_windows", "progress", "plots", "sample_tokens", "sample_langs", "threads",
     "compile", "activation_checkpointing", "max_bad_steps", "max_steps",
 })
 
@@ -82,6 +82,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 1  # validation batches per language during training
     final_eval_batches: int = 8  # per language at the end
+    load_eval_windows: int = 512  # held-out sequences (training language mix) for the final expert load
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True
     plots: bool = True
@@ -103,7 +104,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TrainConfigError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("eval_batches", "final_eval_batches", "warmup_steps", "sample_tokens"):
+        for name in ("eval_batches", "final_eval_batches", "warmup_steps", "sample_tokens", "load_eval_windows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise TrainConfigError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")

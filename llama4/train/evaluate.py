@@ -84,6 +84,35 @@ def evaluate(model, data_dir: Path, batch_size: int, seq_len: int, max_batches: 
 
 
 @torch.no_grad()
+def heldout_expert_load(model, data_dir: Path, seq_len: int, n_windows: int, batch_size: int, device,
+                        autocast=contextlib.nullcontext) -> list[list[int]] | None:
+    """Tokens per expert (n_moe, E) on ``n_windows`` sequences spread evenly over the whole
+    validation stream. The validation split holds out the same fraction of every language, so
+    this sample has the training mixture of languages (the per-language validation batches
+    weigh every language equally, which is not the distribution the balancing targets)."""
+    from llama4.data.packing import TokenStream
+
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    for _, m in layers:
+        m.record_router_stats = True
+    stream = TokenStream(data_dir, "val")
+    last = stream.n_tokens - seq_len - 1
+    starts = np.linspace(0, last, num=n_windows).astype(np.int64)
+    loads = None
+    for lo in range(0, len(starts), batch_size):
+        b = stream.batch(starts[lo:lo + batch_size], seq_len)
+        with autocast():
+            model(b.inputs.to(device))
+        step = torch.stack([m.tokens_per_expert for _, m in layers]).cpu()
+        loads = step if loads is None else loads + step
+        for _, m in layers:
+            m.router_logits = None
+    return loads.tolist()
+
+
+@torch.no_grad()
 def samples(model, tokenizer, langs, max_new_tokens: int, seed: int = 0, temperature: float = 0.7,
             top_k: int = 40) -> list[dict]:
     """One continuation of :data:`PROMPTS` per language (sampled, seeded; stops at end of text)."""

@@ -163,7 +163,7 @@ def plot_expert_load(records: list[dict], final_loads: list[list[float]] | None,
         im = ax.imshow(a, aspect="auto", cmap="viridis")
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        ax.set_title("final load share (validation)")
+        ax.set_title("final load share (held-out, training mix)")
         fig.colorbar(im, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()

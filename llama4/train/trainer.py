@@ -398,14 +398,23 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
             elapsed, step, tokens) -> dict:
     """Final evaluation, samples, plots, HF export and the printed report."""
     res = run_eval(step, cfg.final_eval_batches, tokenizer=tok)
-    warning = None
-    agreement = None
+    warning = agreement = export_val = None
     if use_bias:
         agreement = ev.routing_agreement(model, data_dir, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches,
                                          rt.device)
+        saved = [m.expert_bias.clone() for _, m in moe]
+        for _, m in moe:
+            m.expert_bias.zero_()  # what OUT/final computes
+        export_val = ev.evaluate(model, data_dir, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches, rt.device,
+                                 autocast)["val_loss_mean"]
+        for (_, m), b in zip(moe, saved):
+            m.expert_bias.copy_(b)
         warning = (f"balance={cfg.balance!r} trains a per-expert selection bias, which the HF layout cannot "
                    f"hold: OUT/final routes without it ({100 * agreement:.1f}% of validation tokens keep their "
-                   "experts). Use balance='aux_loss' for an exact export.")
+                   f"experts; validation loss {export_val:.3f} there vs {res['val_loss_mean']:.3f} here). "
+                   "Use balance='aux_loss' for an exact export.")
+    loads = ev.heldout_expert_load(model, data_dir, cfg.seq_len, cfg.load_eval_windows, cfg.batch_size, rt.device,
+                                   autocast) if moe and cfg.load_eval_windows else None
     final = export_final(model, tok_path, out)
     model.eval()
     gen = ev.samples(model, tok, cfg.sample_langs, cfg.sample_tokens, seed=cfg.seed) if cfg.sample_tokens else []
@@ -413,7 +422,6 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
         lid = ev.LanguageID()
         for s in gen:
             s["detected"] = lid(s["text"])
-    loads = res["loads"]
     imbalance = losses.load_imbalance(torch.tensor(loads)).tolist() if loads else []
     dead = [[e for e, c in enumerate(row) if c == 0] for row in loads] if loads else []
     records = read_metrics(out)
@@ -428,7 +436,8 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
         "bits_per_byte": res["bits_per_byte"], "unigram_val": res["unigram"],
         "unigram_entropy": uni["unigram_entropy"], "unigram_val_ce": uni["unigram_val_ce"],
         "expert_load_max_over_mean": imbalance, "dead_experts": dead, "samples": gen,
-        "final": str(final), "plots": plots, "routing_agreement_without_bias": agreement, "warning": warning,
+        "final": str(final), "plots": plots, "routing_agreement_without_bias": agreement,
+        "val_loss_mean_export": export_val, "warning": warning,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     MetricsLog(out).write({"step": step, "event": "final", "val_loss_mean": res["val_loss_mean"],
@@ -450,7 +459,8 @@ def format_report(s: dict) -> str:
     if s["expert_load_max_over_mean"]:
         loads = ", ".join(f"{v:.2f}" for v in s["expert_load_max_over_mean"])
         n_dead = sum(len(d) for d in s["dead_experts"])
-        lines.append(f"expert load max/mean per MoE layer (validation): {loads}; dead experts: {n_dead}")
+        lines.append(f"expert load max/mean per MoE layer (held-out text, training language mix): {loads}; "
+                     f"dead experts: {n_dead}")
     if s["samples"]:
         ok = sum(x["detected"] == x["lang"] for x in s["samples"])
         lines.append(f"samples ({ok}/{len(s['samples'])} detected as the prompted language):")
