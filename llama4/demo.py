@@ -16,15 +16,6 @@ import llama4
 from llama4.model import FLAVORS, Transformer, count_params, flavor
 
 
-@torch.no_grad()
-def greedy(model: Transformer, prompt: torch.Tensor, n: int) -> list[int]:
-    ids = prompt
-    for _ in range(n):
-        nxt = model(ids, last_only=True)[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids[0, prompt.shape[1]:].tolist()
-
-
 def run_demo(out_dir: str = "runs/demo", seed: int = 0) -> int:
     torch.manual_seed(seed)
     print("parameter counts (meta device, nothing allocated):")
@@ -54,7 +45,7 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0) -> int:
     diff = (model(prompt) - loaded(prompt)).abs().max().item()
     print(f"logits after the round trip, max abs diff: {diff:.1e}")
     t = time.perf_counter()
-    tokens = greedy(loaded, prompt, 8)
+    tokens = llama4.generate(loaded, prompt[0].tolist(), max_new_tokens=8)  # greedy, KV cache
     print(f"greedy continuation of a {prompt.shape[1]}-token prompt: {tokens} "
           f"({time.perf_counter() - t:.2f}s)")
     print(json.dumps({"debug_params": count_params(args), "roundtrip_max_abs_diff": diff}))

@@ -162,7 +162,8 @@ class Poison:
 
 
 def test_nonfinite_step_is_skipped_and_logged(tmp_path, shared):
-    cfg = debug_cfg(shared, "max_steps=6", "eval_every=100", "final_eval_batches=0")
+    cfg = debug_cfg(shared, "max_steps=6", "eval_every=100", "final_eval_batches=0", "checkpoint_every=1",
+                    "keep_checkpoints=10")
     summary = train(cfg, tmp_path / "ok", parallelize=Poison({3}))
     recs = read_metrics(tmp_path / "ok")
     bad = [r for r in recs if r.get("event") == "nonfinite"]
@@ -171,9 +172,14 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path, shared):
     assert 3 not in steps and steps == [1, 2, 4, 5, 6]  # the skipped step has no loss record
     assert next(r for r in recs if r.get("step") == 4 and "event" not in r)["skipped"] == 1
     assert summary["steps"] == 6
-    # the skipped step left the weights alone: same as a run whose step 3 never updated
-    state, _, _ = ckpt.latest_checkpoint(tmp_path / "ok" / "checkpoints")
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    # the skipped step left weights and optimizer alone; the steps around it did update
+    saved = {s: ckpt.load_checkpoint(p)[0] for s, p in ckpt.list_checkpoints(tmp_path / "ok" / "checkpoints")}
+    assert 3 not in saved  # no checkpoint is written right after a bad step
+    # step 3 was skipped: the next checkpoint (4) is exactly one AdamW update past step 2
+    adam_steps = {s: saved[s]["optimizer"]["state"][0]["step"].item() for s in (2, 4, 5)}
+    assert adam_steps == {2: 2, 4: 3, 5: 4}
+    assert not torch.equal(saved[2]["model"]["output.weight"], saved[4]["model"]["output.weight"])
+    assert all(torch.isfinite(v).all() for v in saved[6]["model"].values())
 
 
 def test_repeated_nonfinite_stops_keeping_last_good_checkpoint(tmp_path, shared):
@@ -211,7 +217,7 @@ def test_bias_balancing_trains_the_bias_and_warns_about_the_export(tmp_path, sha
     state, _, _ = ckpt.latest_checkpoint(out / "checkpoints")
     biases = state["expert_bias"]
     assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases.values())
-    assert all(abs(b.sum().item()) < 1e-6 or b.abs().max().item() <= 0.06 + 1e-6 for b in biases.values())
+    assert all(b.abs().max().item() <= 6 * 0.01 + 1e-6 for b in biases.values())  # sign steps of 0.01
     assert s["warning"] and "cannot hold" in s["warning"] and 0.0 <= s["routing_agreement_without_bias"] <= 1.0
 
 
@@ -220,3 +226,11 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, shared):
               tmp_path / "bf16")
     assert all(torch.isfinite(torch.tensor(v)) for v in s["val_loss"].values())
     assert llama4.load(tmp_path / "bf16" / "final").tok_embeddings.weight.dtype == torch.float32  # fp32 master
+
+
+def test_compile_option_matches_eager(tmp_path, shared):
+    common = ["max_steps=2", "eval_every=100", "final_eval_batches=0", "load_eval_windows=0"]
+    train(debug_cfg(shared, *common), tmp_path / "eager")
+    train(debug_cfg(shared, *common, "compile=true"), tmp_path / "compiled")
+    for (sa, xa), (sb, xb) in zip(train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")):
+        assert sa == sb and xa == pytest.approx(xb, abs=1e-5)

@@ -82,7 +82,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 1  # validation batches per language during training
     final_eval_batches: int = 8  # per language at the end
-    load_eval_windows: int = 512  # held-out sequences (training language mix) for the final expert load
+    load_eval_windows: int = 512  # sequences spread over each split for the final model's expert load
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     progress: bool = True
     plots: bool = True

@@ -84,12 +84,13 @@ def evaluate(model, data_dir: Path, batch_size: int, seq_len: int, max_batches: 
 
 
 @torch.no_grad()
-def heldout_expert_load(model, data_dir: Path, seq_len: int, n_windows: int, batch_size: int, device,
-                        autocast=contextlib.nullcontext) -> list[list[int]] | None:
+def expert_load(model, data_dir: Path, split: str, seq_len: int, n_windows: int, batch_size: int, device,
+                autocast=contextlib.nullcontext) -> list[list[int]] | None:
     """Tokens per expert (n_moe, E) on ``n_windows`` sequences spread evenly over the whole
-    validation stream. The validation split holds out the same fraction of every language, so
-    this sample has the training mixture of languages (the per-language validation batches
-    weigh every language equally, which is not the distribution the balancing targets)."""
+    ``split`` stream, i.e. in that split's mixture of languages (the per-language validation
+    batches weigh every language equally instead). On ``"train"`` this measures the balance on
+    the distribution the balancing targets; on ``"val"``, on held-out pages (the same help pages
+    in every main language, so topically narrower than the training text)."""
     from llama4.data.packing import TokenStream
 
     layers = moe_layers(model)
@@ -97,7 +98,7 @@ def heldout_expert_load(model, data_dir: Path, seq_len: int, n_windows: int, bat
         return None
     for _, m in layers:
         m.record_router_stats = True
-    stream = TokenStream(data_dir, "val")
+    stream = TokenStream(data_dir, split)
     last = stream.n_tokens - seq_len - 1
     starts = np.linspace(0, last, num=n_windows).astype(np.int64)
     loads = None

@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds one JSON object per line. Training records have ``step``, ``loss``
 (mean over the logging interval), ``lr``, ``tokens_per_s``, ``tokens``, ``grad_norm``, the MoE
 ``aux_loss`` / ``z_loss`` and ``expert_load`` (max/mean load per MoE layer); other records carry
-an ``event``: ``eval`` (per-language validation loss), ``nonfinite`` (a skipped step),
+an ``event``: ``eval`` (per-language validation loss on a few batches), ``final_eval`` (the
+reported figure, on more batches), ``nonfinite`` (a skipped step),
 ``resume``, ``final``. On resume, records after the checkpoint's step are dropped first, so the
 file reads as one uninterrupted run.
 
@@ -26,8 +27,10 @@ class MetricsLog:
         self.path = Path(out_dir) / METRICS
         self.enabled = enabled
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (they belong to the part of a run being redone)."""
+    def truncate_after(self, step: int, drop_events_at: tuple[str, ...] = ()) -> None:
+        """Drop records of steps after ``step`` (they belong to the part of a run being redone),
+        and records at ``step`` whose event is in ``drop_events_at`` (a finished run's final
+        evaluation, which a resume repeats)."""
         if not self.enabled or not self.path.is_file():
             return
         keep = []
@@ -36,7 +39,7 @@ class MetricsLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if rec.get("step", 0) <= step:
+            if rec.get("step", 0) < step or (rec.get("step", 0) == step and rec.get("event") not in drop_events_at):
                 keep.append(json.dumps(rec))
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
@@ -163,7 +166,7 @@ def plot_expert_load(records: list[dict], final_loads: list[list[float]] | None,
         im = ax.imshow(a, aspect="auto", cmap="viridis")
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        ax.set_title("final load share (held-out, training mix)")
+        ax.set_title("final model's load share (training text)")
         fig.colorbar(im, ax=ax)
     fig.suptitle(title)
     fig.tight_layout()

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 import llama4
 from llama4.data import PackedLoader
-from llama4.model import Transformer, TransformerBlock, count_params
+from llama4.model import Transformer, count_params
 from llama4.tokenizer import Tokenizer
 from llama4.train import checkpointing as ckpt
 from llama4.train import evaluate as ev
@@ -103,7 +103,15 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 
 
 def apply_compile(model: Transformer) -> None:
+    """torch.compile each block. The routed experts' grouped matmul stays eager: in torch 2.13
+    its fake-tensor rule demands bf16 (the CUDA kernel's limit) although the CPU kernel runs fp32,
+    so tracing it fails; attention, norms, router and shared expert are compiled around it."""
+    from llama4.model import MoE
+
     for block in model.layers:
+        if isinstance(block.feed_forward, MoE):
+            experts = block.feed_forward.experts
+            experts.forward = torch.compiler.disable(experts.forward)
         block.compile()
 
 
@@ -203,8 +211,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
             loader.load_state_dict(state["loader"])
             ckpt.set_rng_state(state["rng"])
         step, tokens, bad = state["step"], state["tokens"], state["bad_steps"]
+        t_start -= state.get("elapsed_s", 0.0)  # wall time of the run so far, across resumes
         meter.load_state_dict(state["meter"])
-        metrics.truncate_after(step)
+        metrics.truncate_after(step, ("eval", "final_eval", "final") if step >= cfg.max_steps else ())
         metrics.write({"step": step, "event": "resume", "checkpoint": str(path)})
         say(f"resumed from {path} (step {step}/{cfg.max_steps})"
             + (f"; removed unfinished save(s) {', '.join(removed)}" if removed else ""))
@@ -225,22 +234,24 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
             return rt.dist.save_checkpoint(
                 ckpt_dir, step_now, model, optimizer, loader,
                 {"scheduler": {"kind": schedule.kind, "step": step_now}, "step": step_now, "tokens": tokens,
-                 "bad_steps": bad, "meter": meter.state_dict()},
+                 "bad_steps": bad, "meter": meter.state_dict(),
+                 "elapsed_s": time.perf_counter() - t_start},
                 {"config": cfg.to_dict(), "tokens": tokens}, cfg.keep_checkpoints)
         if not rt.is_main:
             return None
         state = {"model": model.state_dict(), "expert_bias": {n: m.expert_bias.clone() for n, m in moe},
                  "optimizer": optimizer.state_dict(), "scheduler": {"kind": schedule.kind, "step": step_now},
                  "loader": loader.state_dict(), "rng": ckpt.rng_state(), "step": step_now, "tokens": tokens,
-                 "bad_steps": bad, "meter": meter.state_dict()}
+                 "bad_steps": bad, "meter": meter.state_dict(),
+                 "elapsed_s": time.perf_counter() - t_start}
         fault = _die if _fault("kill-during-save", step_now) else None
         return ckpt.save_checkpoint(ckpt_dir, step_now, state, {"config": cfg.to_dict(), "tokens": tokens},
                                     cfg.keep_checkpoints, _fault=fault)
 
-    def run_eval(step_now: int, n_batches: int, **kw) -> dict:
+    def run_eval(step_now: int, n_batches: int, event: str = "eval", **kw) -> dict:
         res = ev.evaluate(model, data_dir, cfg.batch_size, cfg.seq_len, n_batches, rt.device, autocast,
                           unigram_logp=uni["log_probs"], **kw)
-        metrics.write({"step": step_now, "event": "eval", "tokens": tokens, "val_loss": res["val_loss"],
+        metrics.write({"step": step_now, "event": event, "tokens": tokens, "val_loss": res["val_loss"],
                        "val_loss_mean": res["val_loss_mean"], "loads": res["loads"]})
         return res
 
@@ -397,8 +408,10 @@ def export_final(model: Transformer, tok_path: Path, out: Path) -> Path:
 def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts, run_eval, rt, autocast,
             elapsed, step, tokens) -> dict:
     """Final evaluation, samples, plots, HF export and the printed report."""
-    res = run_eval(step, cfg.final_eval_batches, tokenizer=tok)
-    warning = agreement = export_val = None
+    if cfg.eval_batches:  # the last point of the validation curve, on the same batches as the others
+        run_eval(step, cfg.eval_batches)
+    res = run_eval(step, cfg.final_eval_batches, "final_eval", tokenizer=tok)  # more batches: the reported figure
+    warning = agreement = export_val = export_load = None
     if use_bias:
         agreement = ev.routing_agreement(model, data_dir, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches,
                                          rt.device)
@@ -407,14 +420,18 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
             m.expert_bias.zero_()  # what OUT/final computes
         export_val = ev.evaluate(model, data_dir, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches, rt.device,
                                  autocast)["val_loss_mean"]
+        export_load = ev.expert_load(model, data_dir, "train", cfg.seq_len, cfg.load_eval_windows, cfg.batch_size,
+                                     rt.device, autocast) if cfg.load_eval_windows else None
         for (_, m), b in zip(moe, saved):
             m.expert_bias.copy_(b)
         warning = (f"balance={cfg.balance!r} trains a per-expert selection bias, which the HF layout cannot "
                    f"hold: OUT/final routes without it ({100 * agreement:.1f}% of validation tokens keep their "
                    f"experts; validation loss {export_val:.3f} there vs {res['val_loss_mean']:.3f} here). "
                    "Use balance='aux_loss' for an exact export.")
-    loads = ev.heldout_expert_load(model, data_dir, cfg.seq_len, cfg.load_eval_windows, cfg.batch_size, rt.device,
-                                   autocast) if moe and cfg.load_eval_windows else None
+    # Expert load of the final model on evenly spread training and validation sequences
+    loads, loads_val = (ev.expert_load(model, data_dir, split, cfg.seq_len, cfg.load_eval_windows, cfg.batch_size,
+                                       rt.device, autocast) if moe and cfg.load_eval_windows else None
+                        for split in ("train", "val"))
     final = export_final(model, tok_path, out)
     model.eval()
     gen = ev.samples(model, tok, cfg.sample_langs, cfg.sample_tokens, seed=cfg.seed) if cfg.sample_tokens else []
@@ -422,7 +439,10 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
         lid = ev.LanguageID()
         for s in gen:
             s["detected"] = lid(s["text"])
-    imbalance = losses.load_imbalance(torch.tensor(loads)).tolist() if loads else []
+    def imb(x):
+        return [round(v, 4) for v in losses.load_imbalance(torch.tensor(x)).tolist()] if x else []
+
+    imbalance = imb(loads)
     dead = [[e for e, c in enumerate(row) if c == 0] for row in loads] if loads else []
     records = read_metrics(out)
     plots = []
@@ -435,7 +455,8 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
         "params": counts, "val_loss": res["val_loss"], "val_loss_mean": res["val_loss_mean"],
         "bits_per_byte": res["bits_per_byte"], "unigram_val": res["unigram"],
         "unigram_entropy": uni["unigram_entropy"], "unigram_val_ce": uni["unigram_val_ce"],
-        "expert_load_max_over_mean": imbalance, "dead_experts": dead, "samples": gen,
+        "expert_load_max_over_mean": imbalance, "expert_load_max_over_mean_val": imb(loads_val),
+        "expert_load_max_over_mean_export": imb(export_load), "dead_experts": dead, "samples": gen,
         "final": str(final), "plots": plots, "routing_agreement_without_bias": agreement,
         "val_loss_mean_export": export_val, "warning": warning,
     }
@@ -459,8 +480,12 @@ def format_report(s: dict) -> str:
     if s["expert_load_max_over_mean"]:
         loads = ", ".join(f"{v:.2f}" for v in s["expert_load_max_over_mean"])
         n_dead = sum(len(d) for d in s["dead_experts"])
-        lines.append(f"expert load max/mean per MoE layer (held-out text, training language mix): {loads}; "
-                     f"dead experts: {n_dead}")
+        val = ", ".join(f"{v:.2f}" for v in s["expert_load_max_over_mean_val"])
+        lines.append(f"expert load max/mean per MoE layer, final model: {loads} on training text; {val} on "
+                     f"validation text; dead experts: {n_dead}")
+        if s["expert_load_max_over_mean_export"]:
+            exp = ", ".join(f"{v:.2f}" for v in s["expert_load_max_over_mean_export"])
+            lines.append(f"  without the selection bias (the exported routing): {exp} on training text")
     if s["samples"]:
         ok = sum(x["detected"] == x["lang"] for x in s["samples"])
         lines.append(f"samples ({ok}/{len(s['samples'])} detected as the prompted language):")
