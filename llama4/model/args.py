@@ -15,6 +15,13 @@ class ConfigError(ValueError):
     """An invalid model configuration; the message names the offending field."""
 
 
+def check_fields(cls, d: dict, error: type[Exception] = ConfigError) -> None:
+    """Reject keys of ``d`` that are not fields of the dataclass ``cls``, naming them."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise error(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """llama3-style frequency scaling (Scout: factor 16, low 1, high 1, original context 8192)."""
@@ -150,10 +157,7 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown ModelArgs field(s): {', '.join(unknown)}")
+        check_fields(cls, d)
         return cls(**d)
 
 
@@ -236,10 +240,7 @@ class VisionArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionArgs":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown VisionArgs field(s): {', '.join(unknown)}")
+        check_fields(cls, d)
         return cls(**d)
 
 

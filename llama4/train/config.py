@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from llama4.model.args import ModelArgs
+from llama4.model.args import ModelArgs, check_fields
 
 SCHEDULES = ("cosine", "wsd", "constant")
 BALANCE = ("aux_loss", "bias", "aux_loss+bias", "none")
@@ -139,10 +139,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        check_fields(cls, d, TrainConfigError)
         return cls(**d)
 
     def replace(self, **changes) -> "TrainConfig":
