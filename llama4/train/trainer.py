@@ -41,7 +41,8 @@ from llama4.train import checkpointing as ckpt
 from llama4.train import evaluate as ev
 from llama4.train import losses
 from llama4.train.config import OPERATIONAL, TrainConfig
-from llama4.train.log import MetricsLog, Progress, fmt_stats, plot_expert_load, plot_losses, read_metrics
+from llama4.train.log import (MetricsLog, Progress, fmt_stats, format_report, plot_expert_load, plot_losses,
+                              read_metrics)
 from llama4.train.optim import Schedule, build_optimizer, set_lr
 from llama4.train.prepare import prepare_data, prepare_tokenizer, unigram_stats
 
@@ -465,39 +466,3 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
                            "expert_load": imbalance})
     print(format_report(summary), flush=True)
     return summary
-
-
-def format_report(s: dict) -> str:
-    lines = [f"\n== {s['recipe']}: {s['steps']} steps, {s['tokens'] / 1e6:.2f}M tokens, {s['elapsed_s']:.0f}s =="]
-    if s["val_loss"]:
-        lines.append(f"validation loss {s['val_loss_mean']:.3f} nats/token  (unigram entropy of the corpus "
-                     f"{s['unigram_entropy']:.3f}; unigram model on these tokens "
-                     f"{_mean(s['unigram_val'].values()):.3f})")
-        lines.append(f"{'lang':6s} {'val loss':>9s} {'unigram':>8s} {'bits/byte':>9s}")
-    for lang, v in s["val_loss"].items():
-        lines.append(f"{lang:6s} {v:9.3f} {s['unigram_val'].get(lang, float('nan')):8.3f} "
-                     f"{s['bits_per_byte'].get(lang, float('nan')):9.3f}")
-    if s["expert_load_max_over_mean"]:
-        loads = ", ".join(f"{v:.2f}" for v in s["expert_load_max_over_mean"])
-        n_dead = sum(len(d) for d in s["dead_experts"])
-        val = ", ".join(f"{v:.2f}" for v in s["expert_load_max_over_mean_val"])
-        lines.append(f"expert load max/mean per MoE layer, final model: {loads} on training text; {val} on "
-                     f"validation text; dead experts: {n_dead}")
-        if s["expert_load_max_over_mean_export"]:
-            exp = ", ".join(f"{v:.2f}" for v in s["expert_load_max_over_mean_export"])
-            lines.append(f"  without the selection bias (the exported routing): {exp} on training text")
-    if s["samples"]:
-        ok = sum(x["detected"] == x["lang"] for x in s["samples"])
-        lines.append(f"samples ({ok}/{len(s['samples'])} detected as the prompted language):")
-        for x in s["samples"]:
-            text = (x["prompt"] + x["text"]).replace("\n", " ⏎ ")
-            lines.append(f"  [{x['lang']}->{x['detected']}] {text}")
-    if s["warning"]:
-        lines.append(f"WARNING: {s['warning']}")
-    lines.append(f"exported {s['final']} (HF layout + tokenizer); plots: {', '.join(s['plots']) or 'none'}")
-    return "\n".join(lines)
-
-
-def _mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
