@@ -15,14 +15,7 @@ from llama4.infer.generate import full_forward_greedy
 from llama4.infer.sampling import SamplingParams
 from llama4.model import ModelArgs, Transformer
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second OpenMP thread, and spin-waiting threads collapse on
-    # a contended machine (PLATFORM.md); restore the setting for other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,7 @@ HF_CFG = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attenti
               attention_chunk_size=8, floor_scale=4, max_position_embeddings=4096, rope_theta=10000.0,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second OpenMP thread, and spin-waiting threads collapse on
-    # a contended machine (PLATFORM.md); restore the setting for other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def redraw_(model, seed: int) -> None:

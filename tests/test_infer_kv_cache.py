@@ -17,14 +17,7 @@ from llama4.model import ModelArgs, Transformer
 
 TOL = 1e-4
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second OpenMP thread, and spin-waiting threads collapse on
-    # a contended machine (PLATFORM.md); restore the setting for other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(**kw) -> ModelArgs:

@@ -33,12 +33,7 @@ KEY = "test-key"
 MAX_CONTEXT = 384
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_infer_engine.py
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:
