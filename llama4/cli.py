@@ -66,17 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.tokenizer.cli import add_subparser as add_tokenizer
     from llama4.train.cli import add_subparser as add_train
     from llama4.distributed.cli import add_subparsers as add_distributed
+    from llama4.metap.cli import add_subparser as add_metap
 
     add_tokenizer(sub)  # llama4 tokenizer train
     add_data(sub)  # llama4 data prepare
     add_infer(sub)  # llama4 generate / chat / serve
     add_train(sub)  # llama4 train
     add_distributed(sub)  # llama4 plan / dcp to-hf / dcp from-hf
+    add_metap(sub)  # llama4 metap coord-check / sweep / predict / validate
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["train"]:
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["metap"]):
         # Before anything imports torch: OpenMP reads its wait policy once, and spinning threads
         # run training 3-10x slower on a shared 2-core machine (PLATFORM.md). The environment wins.
         import os

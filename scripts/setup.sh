@@ -15,6 +15,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # fairscale is imported by Meta's llama-models reference (our oracle); its own metadata
     # would re-resolve torch, so it is installed without dependencies.
     .venv/bin/pip install -q fairscale==0.4.13 --no-deps
+    # microsoft/mup, the reference for the μP rules our MetaP is tested against; its metadata
+    # pulls torchvision and a CUDA torch, and it only needs torch and pyyaml.
+    .venv/bin/pip install -q mup==1.0.0 --no-deps
     .venv/bin/pip install -q -e ".[test]"
     # transformers' Llama4ImageProcessor (an oracle) needs torchvision, whose PyPI wheel cannot be
     # imported beside the CPU torch; it lives outside the venv's path and only the test loads it.

@@ -234,3 +234,38 @@ def test_compile_option_matches_eager(tmp_path, shared):
     train(debug_cfg(shared, *common, "compile=true"), tmp_path / "compiled")
     for (sa, xa), (sb, xb) in zip(train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")):
         assert sa == sb and xa == pytest.approx(xb, abs=1e-5)
+
+
+METAP_BASE = {"dim": 32, "n_layers": 2, "attn_dim": 32, "head_dim": 16, "dense_dim": 128, "expert_dim": 64,
+              "n_experts": 4}
+
+
+def test_metap_run_uses_per_layer_rules_and_exports_the_trained_function(tmp_path, shared):
+    from llama4.train.trainer import build_model
+
+    cfg = debug_cfg(shared, "max_steps=3", "eval_every=100", "final_eval_batches=1", "parametrization=metap",
+                    "metap=" + json.dumps({"base": METAP_BASE, "output_mult": 2.0}))
+    s = train(cfg, tmp_path / "m")
+    assert all(torch.isfinite(torch.tensor(v)) for v in s["val_loss"].values())
+    state, _, _ = ckpt.latest_checkpoint(tmp_path / "m" / "checkpoints")
+    model = build_model(cfg, torch.device("cpu"))
+    assert model.args.residual_mult == 0.5 and model.args.logit_mult == 1.0  # depth 4 vs 2; 2.0 / (64 / 32)
+    model.load_state_dict(state["model"])
+    lrs = {g["name"]: g["lr"] for g in state["optimizer"]["param_groups"]}
+    hidden = next(v for k, v in lrs.items() if "attn.wq" in k)
+    assert hidden == pytest.approx(next(v for k, v in lrs.items() if "embedding" in k) / 2)  # 1/width ratio on hidden matrices
+    x = torch.randint(0, 2560, (2, 70))
+    with torch.no_grad():
+        assert (llama4.load(tmp_path / "m" / "final")(x) - model(x)).abs().max() < 1e-4
+
+
+def test_metap_config_errors_name_the_field(tmp_path):
+    from llama4.train import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="metap.*widht"):
+        apply_overrides(get_recipe("debug"), ['metap={"base": {"widht": 3}}'])
+    with pytest.raises(TrainConfigError, match="parametrization must be one of"):
+        apply_overrides(get_recipe("debug"), ["parametrization=mup"])
+    (tmp_path / "bad.json").write_text("{}")
+    p = cli(tmp_path / "r", "--metap", str(tmp_path / "bad.json"), check=False)
+    assert p.returncode == 2 and "not a `llama4 metap predict` output" in p.stderr and "Traceback" not in p.stderr

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from llama4.checkpoint import hf, hf_vision, meta
+from llama4.checkpoint.fold import fold_forward_multipliers
 from llama4.checkpoint.common import (CheckpointError, as_path, build_on_meta, check_keys,
                                       check_shape, describe, materialize, resolve_dtype, unwrap_model)
 from llama4.model import MultimodalTransformer, Transformer
@@ -297,10 +298,12 @@ def save(model, path, max_shard_size="5GB", dtype=None) -> Path:
                                   f"({describe(foreign, 4)}); refusing to replace it")
     state = model.state_dict()
     if isinstance(model, MultimodalTransformer):
+        args, state = fold_forward_multipliers(args, state, hf.MM_OURS_TEXT_PREFIX)
         layout = dict(n_vision_layers=model.vision_args.n_layers)
         out_dtype = dtype or state[hf.MM_OURS_TEXT_PREFIX + "tok_embeddings.weight"].dtype
         cfg = hf_vision.hf_mm_config_from_args(args, model.vision_args, model.image_token_id, out_dtype)
     else:
+        args, state = fold_forward_multipliers(args, state)
         layout = {}
         out_dtype = dtype or state["tok_embeddings.weight"].dtype
         cfg = hf.hf_config_from_args(args, out_dtype)

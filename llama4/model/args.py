@@ -75,6 +75,13 @@ class ModelArgs:
 
     max_seq_len: int = 262144  # advisory context limit for inference; never enforced by the model
 
+    # Forward multipliers of a width/depth-transferable parametrization (llama4.metap). The
+    # defaults are Llama 4's own forward; checkpoint export folds other values into the weights.
+    embed_mult: float = 1.0  # h = embed(tokens) * embed_mult
+    residual_mult: float = 1.0  # h += residual_mult * branch(norm(h)) for attention and FFN
+    logit_mult: float = 1.0  # logits = output(norm(h)) * logit_mult
+    softmax_scale: float | None = None  # attention logit scale; None: 1/sqrt(head_dim)
+
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
@@ -115,6 +122,15 @@ class ModelArgs:
                 not isinstance(self.nope_layer_interval, int) or self.nope_layer_interval <= 0):
             raise ConfigError(f"ModelArgs.nope_layer_interval must be a positive int or None, "
                               f"got {self.nope_layer_interval!r}")
+        for name in ("embed_mult", "residual_mult", "logit_mult"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"ModelArgs.{name} must be a positive number, got {v!r}")
+        if self.softmax_scale is not None and (isinstance(self.softmax_scale, bool)
+                                               or not isinstance(self.softmax_scale, (int, float))
+                                               or not self.softmax_scale > 0):
+            raise ConfigError(f"ModelArgs.softmax_scale must be a positive number or None, "
+                              f"got {self.softmax_scale!r}")
         if self.attn_scale < 0:
             raise ConfigError(f"ModelArgs.attn_scale must be >= 0, got {self.attn_scale!r}")
         for name in ("moe_layers", "nope_layers"):
@@ -132,6 +148,11 @@ class ModelArgs:
     def hd(self) -> int:
         """The per-head width actually used."""
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def has_forward_multipliers(self) -> bool:
+        """True when the forward differs from Llama 4's by a multiplier (MetaP); see ``fold``."""
+        return (self.embed_mult, self.residual_mult, self.logit_mult, self.softmax_scale) != (1.0, 1.0, 1.0, None)
 
     def is_moe_layer(self, i: int) -> bool:
         if not self.n_experts:

@@ -77,6 +77,9 @@ class Attention(nn.Module):
         self.floor_scale = args.floor_scale
         self.attn_scale = args.attn_scale
         self.norm_eps = args.norm_eps
+        # A non-default softmax scale (MetaP) is applied to q, so every SDPA path, cache and
+        # mask object keeps the default 1/sqrt(head_dim) call.
+        self.q_mult = None if args.softmax_scale is None else args.softmax_scale * args.hd ** 0.5
         self.wq = nn.Linear(args.dim, args.n_heads * args.hd, bias=args.attention_bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=args.attention_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=args.attention_bias)
@@ -99,6 +102,8 @@ class Attention(nn.Module):
             scale = temperature_scale(positions, self.floor_scale, self.attn_scale)
             scale = scale.view(-1, T, 1, 1) if scale.dim() == 2 else scale.view(1, T, 1, 1)
             q = (q * scale).to(q.dtype)
+        if self.q_mult is not None:
+            q = q * self.q_mult
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
         gqa = k.shape[1] != q.shape[1]
 

@@ -3,6 +3,9 @@
     h = embed(tokens)                          # no embedding scaling
     for each block:  h += attn(norm(h));  h += ffn(norm(h))
     logits = output(norm(h))                   # untied output head
+
+MetaP (llama4.metap) adds constant multipliers on the embedding, the residual branches and the
+logits (ModelArgs.embed_mult / residual_mult / logit_mult); all are 1 for Llama 4 itself.
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args, layer_id)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args) if self.is_moe else FeedForward(args.dim, args.dense_dim)
+        self.residual_mult = args.residual_mult
 
     def forward(self, h, rope, positions, cache: LayerKVCache | None = None):
-        h = h + self.attention(self.attention_norm(h), rope, positions, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        r = self.residual_mult
+        a = self.attention(self.attention_norm(h), rope, positions, cache)
+        h = h + a if r == 1.0 else h + r * a
+        f = self.feed_forward(self.ffn_norm(h))
+        return h + f if r == 1.0 else h + r * f
 
 
 class Transformer(nn.Module):
@@ -52,7 +59,12 @@ class Transformer(nn.Module):
         RoPE and temperature tuning). ``cache`` is one hook per layer (inference room).
         ``inputs_embeds`` (B, T, D) replaces the token embedding: the early-fusion merge point.
         """
-        h = self.tok_embeddings(tokens) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            h = self.tok_embeddings(tokens)
+            if self.args.embed_mult != 1.0:
+                h = h * self.args.embed_mult
+        else:
+            h = inputs_embeds
         if positions is None:
             if cache is not None:
                 raise ValueError("Transformer.forward: positions are required when a cache is given")
@@ -62,7 +74,8 @@ class Transformer(nn.Module):
             h = layer(h, rope, positions, None if cache is None else cache[i])
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h))
+        logits = self.output(self.norm(h))
+        return logits if self.args.logit_mult == 1.0 else logits * self.args.logit_mult
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()

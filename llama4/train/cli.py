@@ -24,6 +24,8 @@ def _train(a: argparse.Namespace) -> int:
         sets.append("activation_checkpointing=true")
     if a.no_progress:
         sets.append("progress=false")
+    if a.metap:
+        sets = _metap_overrides(a.metap) + sets  # explicit --set still wins
     cfg = apply_overrides(cfg, sets)
     try:
         if "WORLD_SIZE" in os.environ or a.dp or a.ep or a.tp or a.dp_replicate:  # torchrun / a layout given
@@ -41,6 +43,17 @@ def _train(a: argparse.Namespace) -> int:
         print(f"llama4 train: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _metap_overrides(path: str) -> list[str]:
+    """``--metap FILE``: the ``train_overrides`` of a `llama4 metap predict --out FILE` as --set items."""
+    import json
+
+    try:
+        d = json.loads(open(path).read())["train_overrides"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--metap {path}: not a `llama4 metap predict` output ({e})") from None
+    return [f"{k}={json.dumps(v)}" for k, v in d.items()]
 
 
 def add_subparser(subparsers) -> None:
@@ -62,6 +75,8 @@ def add_subparser(subparsers) -> None:
     t.add_argument("--compile", action="store_true", help="torch.compile every block")
     t.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    t.add_argument("--metap", default=None, metavar="FILE",
+                   help="train under MetaP with the base LR and per-layer rules of `llama4 metap predict --out FILE`")
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any TrainConfig field, e.g. --set lr=1e-3 --set model.dim=256 (repeatable)")
     t.add_argument("--dp", type=int, default=0,

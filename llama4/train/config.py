@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from llama4.model.args import ModelArgs, check_fields
 
 SCHEDULES = ("cosine", "wsd", "constant")
+PARAMETRIZATIONS = ("standard", "metap")
 BALANCE = ("aux_loss", "bias", "aux_loss+bias", "none")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -66,7 +67,13 @@ class TrainConfig:
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
     bias_update_rate: float = 1e-3  # DeepSeek-V3 bias step (gamma) per optimizer step
     z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
-    init_std: float = 0.02
+    init_std: float = 0.02  # standard parametrization: N(0, init_std), GPT-2 depth factor on wo/w2
+
+    # parametrization: "standard" (one LR, init_std) or "metap" (llama4.metap: per-layer init and
+    # LR from a base shape; lr is then the base LR). metap: MetaPConfig as a dict, e.g.
+    # {"base": {"dim": 32, ...}}; null with metap = the model itself is the base.
+    parametrization: str = "standard"
+    metap: dict | None = None
 
     # execution
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -118,15 +125,34 @@ class TrainConfig:
         for name in ("beta1", "beta2", "min_lr_ratio", "decay_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise TrainConfigError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name, allowed in (("schedule", SCHEDULES), ("balance", BALANCE), ("dtype", DTYPES)):
+        for name, allowed in (("schedule", SCHEDULES), ("balance", BALANCE), ("dtype", DTYPES),
+                              ("parametrization", PARAMETRIZATIONS)):
             if getattr(self, name) not in allowed:
                 raise TrainConfigError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, "
                                        f"got {getattr(self, name)!r}")
+        if self.metap is not None:
+            from llama4.metap.param import MetaPConfig
+
+            if not isinstance(self.metap, dict):
+                raise TrainConfigError(f"TrainConfig.metap must be a dict or null, got {self.metap!r}")
+            try:
+                MetaPConfig.from_dict(self.metap)
+            except (ValueError, TypeError) as e:
+                raise TrainConfigError(f"TrainConfig.metap: {e}") from None
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise TrainConfigError(f"TrainConfig.threads must be an int >= 1 or null, got {self.threads!r}")
 
     # ----------------------------------------------------------------------------------------
+    def metap_plan(self):
+        """The :class:`llama4.metap.MetaP` of this run, or None under the standard parametrization."""
+        if self.parametrization != "metap":
+            return None
+        from llama4.metap.param import BaseShape, MetaP, MetaPConfig
+
+        mc = MetaPConfig.from_dict(self.metap) if self.metap else MetaPConfig(base=BaseShape.of(self.model))
+        return MetaP(mc, self.model)
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len

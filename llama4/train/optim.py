@@ -29,10 +29,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`. The fused/foreach kernels are deterministic on CPU."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+def build_optimizer(model: nn.Module, cfg, metap=None) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, or over MetaP's per-layer groups when ``metap`` (a
+    :class:`llama4.metap.MetaP`) is given. The fused/foreach kernels are deterministic on CPU."""
+    groups = (param_groups(model, cfg.weight_decay) if metap is None
+              else metap.param_groups(model, cfg.weight_decay, cfg.eps))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 @dataclass(frozen=True)
@@ -78,5 +80,6 @@ class Schedule:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the scheduled LR; a group with an ``lr_mult`` (MetaP) gets ``lr * lr_mult``."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)

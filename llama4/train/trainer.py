@@ -117,12 +117,17 @@ def apply_compile(model: Transformer) -> None:
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
-    """Built on the meta device, materialised on ``device``, initialised from ``cfg.seed``."""
+    """Built on the meta device, materialised on ``device``, initialised from ``cfg.seed`` by the
+    run's parametrization (MetaP also sets the model's forward multipliers)."""
+    metap = cfg.metap_plan()
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = Transformer(cfg.model if metap is None else metap.model_args())
     model.to_empty(device=device)
     torch.manual_seed(cfg.seed)
-    model.init_weights(cfg.init_std)
+    if metap is None:
+        model.init_weights(cfg.init_std)
+    else:
+        metap.init_weights(model)
     return model
 
 
@@ -186,7 +191,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
         apply_compile(model)
     if parallelize is not None:
         model = parallelize(model, cfg)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, cfg.metap_plan())
     schedule = Schedule.from_config(cfg)
     use_aux = cfg.balance in ("aux_loss", "aux_loss+bias") and bool(moe)
     use_bias = cfg.balance in ("bias", "aux_loss+bias") and bool(moe)
