@@ -120,16 +120,17 @@ def parallelize(model: Transformer, dims: ParallelDims) -> Transformer:
 
 
 def materialize(model: Transformer, dims: ParallelDims, full_state: dict | None = None,
-                init_std: float = 0.02) -> Transformer:
+                init_std: float = 0.02, init_stds: dict | None = None) -> Transformer:
     """Allocate a parallelized meta-device model on ``dims.device`` and fill it: from
     ``full_state`` (an unsharded state dict in our names, needed on rank 0 only: it is broadcast
-    and each rank keeps its shard) or else with ``init_weights`` on the shards. The latter is the
+    and each rank keeps its shard) or else with ``init_weights`` on the shards (``init_stds``: a
+    parametrization's per-parameter table, e.g. MetaP's). The latter is the
     way for models too big for one device; its random values match a one-process init only where
     DTensor's RNG tracker runs (CUDA): on CPU each rank draws its shards from its own generator."""
     model.to_empty(device=dims.device)
     with torch.no_grad():
         if full_state is None:
-            model.init_weights(init_std)
+            model.init_weights(init_std, stds=init_stds)
         else:
             model.init_buffers(dims.device)
             opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)

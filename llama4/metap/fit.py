@@ -13,7 +13,7 @@ import numpy as np
 # What makes two rows the same configuration (seeds and LRs vary within one).
 CONFIG_KEYS = ("param", "width", "depth", "n_experts", "expert_mult", "steps", "batch", "seq_len",
                "base_width", "base_depth", "base_experts", "base_expert_mult", "init_std", "output_mult",
-               "embed_lr_mult")
+               "embed_lr_mult", "output_lr_mult")
 
 
 @dataclass(frozen=True)

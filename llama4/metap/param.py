@@ -47,7 +47,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from llama4.model.args import ConfigError, ModelArgs, check_fields
@@ -215,7 +214,7 @@ class MetaP:
                 put(lin.weight, f"attn.{n}")
                 put(lin.bias, "bias")
             ffn = block.feed_forward
-            if isinstance(ffn, MoE):  # the standard init's order, so both draw the same numbers
+            if isinstance(ffn, MoE):
                 for n in ("w1", "w3", "w2"):
                     put(getattr(ffn.shared_expert, n).weight, f"shared.{n}")
                 put(ffn.router.weight, "router")
@@ -230,17 +229,14 @@ class MetaP:
             raise ConfigError(f"metap has no rule for parameter(s) {', '.join(missing)}")
         return [x for x in out if x[1].requires_grad]
 
+    def init_stds(self, model: nn.Module) -> dict[str, float | None]:
+        """``{parameter name: init std}`` for ``Transformer.init_weights(stds=...)`` (None: the
+        norm gains' ones and the biases' zeros)."""
+        return {name: g.init_std for name, _, g in self.assign(model)}
+
     def init_weights(self, model: nn.Module) -> None:
-        """Initialise ``model`` (after ``to_empty`` from meta is fine); buffers too."""
-        model.init_buffers()
-        with torch.no_grad():
-            for name, p, g in self.assign(model):
-                if g.init_std is None:
-                    (nn.init.ones_ if g.name.endswith("norm") else nn.init.zeros_)(p)
-                elif g.init_std == 0:
-                    nn.init.zeros_(p)
-                else:
-                    nn.init.normal_(p, std=g.init_std)
+        """Initialise ``model`` by the table (after ``to_empty`` from meta is fine); buffers too."""
+        model.init_weights(stds=self.init_stds(model))
 
     def param_groups(self, model: nn.Module, weight_decay: float, eps: float) -> list[dict]:
         """AdamW groups, one per distinct (lr_mult, wd, eps); each carries ``lr_mult`` for the

@@ -45,7 +45,7 @@ def base_run_of(rows: list[dict]) -> ProxyRun:
     """The sweep's base proxy (its shape, knobs and token budget) as a run."""
     r = next(r for r in rows if r["family"] == "width" and r["param"] == "metap"
              and r["width"] == r["base_width"] and r["seed"] == 0)
-    return ProxyRun(**{k: r[k] for k in ProxyRun.__dataclass_fields__})
+    return ProxyRun.from_row(r)
 
 
 def metap_optima(rows: list[dict]) -> list[tuple[dict, Optimum]]:
@@ -93,7 +93,7 @@ def metap_config_for(target: ModelArgs, base: ProxyRun) -> MetaPConfig:
     shape = BaseShape(dim=b.dim, n_layers=b.n_layers, attn_dim=b.n_heads * b.hd, head_dim=target.hd,
                       dense_dim=b.dense_dim, expert_dim=b.expert_dim, n_experts=b.n_experts if target.n_experts else 0)
     return MetaPConfig(base=shape, init_std=base.init_std, output_mult=base.output_mult,
-                       embed_lr_mult=base.embed_lr_mult)
+                       output_lr_mult=base.output_lr_mult, embed_lr_mult=base.embed_lr_mult)
 
 
 def predict(sweep_dir, target: str, tokens: int, batch: int | None = None) -> dict:

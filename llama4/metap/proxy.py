@@ -66,11 +66,17 @@ class ProxyRun:
     init_std: float = 0.02  # standard: every matrix; MetaP: hidden matrices at the base shape
     output_mult: float = 1.0  # MetaP base knobs (MetaPConfig); 1 = the standard model at the base
     embed_lr_mult: float = 1.0
+    output_lr_mult: float = 1.0
     warmup_frac: float = 0.1
     min_lr_ratio: float = 0.1
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     family: str = ""  # which sweep it belongs to (for the report)
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ProxyRun":
+        """The run a result row (``ProxyResult.row``) came from; fields it lacks keep their defaults."""
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k in row})
 
     def args(self) -> ModelArgs:
         return proxy_args(self.width, self.depth, self.n_experts, self.expert_mult)
@@ -97,7 +103,7 @@ def metap_plan(run: ProxyRun) -> MetaP:
         raise ValueError(f"unknown parametrization {run.param!r}; use 'metap' or 'standard'")
     base = run.base_args() if run.param == "metap" else run.args()
     cfg = MetaPConfig(base=BaseShape.of(base), init_std=run.init_std, output_mult=run.output_mult,
-                      embed_lr_mult=run.embed_lr_mult)
+                      embed_lr_mult=run.embed_lr_mult, output_lr_mult=run.output_lr_mult)
     return MetaP(cfg, run.args())
 
 
@@ -136,7 +142,7 @@ def train_batches(seed: int, batch: int, seq_len: int):
 
 
 @lru_cache(maxsize=4)
-def val_windows(n_batches: int = 8, batch: int = 16, seq_len: int = 64) -> torch.Tensor:
+def val_windows(n_batches: int = 32, batch: int = 16, seq_len: int = 64) -> torch.Tensor:
     """Fixed validation windows (n_batches * batch, seq_len + 1), evenly spaced over the split."""
     data = torch.from_numpy(corpus_bytes("val").astype(np.int64))
     n = n_batches * batch

@@ -111,12 +111,12 @@ def summarize(rows: list[dict], knobs: dict) -> dict:
         s["tokens"] = {str(n * 16 * 64): _opt_dict(o) for n, o in zip(steps, opts)}
         checks["tokens_lr_slope"] = round(_slope(steps, opts), 3)
     # load balance of the MoE at each configuration's best LR (max/mean over experts, worst layer)
-    imb = []
-    for cfg_rows in group_configs([r for r in stage2 if not r["diverged"]]).values():
-        imb.append(min(cfg_rows, key=lambda r: r["val_loss"])["imbalance"])
-    if imb:
-        checks["imbalance_at_best_lr_max"] = round(max(imb), 3)
-        checks["imbalance_at_best_lr_median"] = round(float(np.median(imb)), 3)
+    for p in ("metap", "standard"):
+        imb = [min(v, key=lambda r: r["val_loss"])["imbalance"]
+               for v in group_configs([r for r in stage2 if r["param"] == p and not r["diverged"]]).values()]
+        if imb:
+            checks[f"imbalance_at_best_lr_{p}"] = {"median": round(float(np.median(imb)), 3),
+                                                   "max": round(max(imb), 3)}
     s["checks"] = checks
     return s
 

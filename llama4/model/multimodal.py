@@ -38,7 +38,7 @@ class MultimodalTransformer(nn.Module):
 
     def embed(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with the image features merged into the ``<|patch|>`` slots."""
-        h = self.text.tok_embeddings(tokens)
+        h = self.text.embed_tokens(tokens)
         if pixel_values is None:  # ``<|patch|>`` ids embed as ordinary tokens, as in HF
             return h
         return merge_image_features(h, tokens, self.image_features(pixel_values), self.image_token_id)

@@ -59,12 +59,7 @@ class Transformer(nn.Module):
         RoPE and temperature tuning). ``cache`` is one hook per layer (inference room).
         ``inputs_embeds`` (B, T, D) replaces the token embedding: the early-fusion merge point.
         """
-        if inputs_embeds is None:
-            h = self.tok_embeddings(tokens)
-            if self.args.embed_mult != 1.0:
-                h = h * self.args.embed_mult
-        else:
-            h = inputs_embeds
+        h = self.embed_tokens(tokens) if inputs_embeds is None else inputs_embeds
         if positions is None:
             if cache is not None:
                 raise ValueError("Transformer.forward: positions are required when a cache is given")
@@ -77,35 +72,65 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         return logits if self.args.logit_mult == 1.0 else logits * self.args.logit_mult
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D): the embedding lookup, times MetaP's ``embed_mult``."""
+        h = self.tok_embeddings(tokens)
+        return h if self.args.embed_mult == 1.0 else h * self.args.embed_mult
+
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Standard parametrization: N(0, std) everywhere, residual outputs (wo, w2) scaled by
-        1/sqrt(2 * n_layers) as in GPT-2 so the residual stream's variance does not grow with
-        depth. Works after ``to_empty()`` from the meta device; MetaP overrides this."""
-        out_std = std / math.sqrt(2 * self.args.n_layers)
+    def init_weights(self, std: float = 0.02, stds: dict[str, float | None] | None = None) -> None:
+        """Initialise every parameter (works after ``to_empty()`` from the meta device).
+
+        Standard parametrization: N(0, std) everywhere, residual outputs (wo, w2) scaled by
+        1/sqrt(2 * n_layers) as in GPT-2 so the residual stream's variance does not grow with depth.
+        ``stds`` replaces that with one std per parameter name (a parametrization's table, e.g.
+        ``llama4.metap.MetaP.init_stds``); None means ones for norm gains and zeros for biases.
+        Parameters are drawn in one fixed order, so equal tables give equal weights."""
+        if stds is None:
+            stds = self.standard_init_stds(std)
         self.init_buffers()
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        nn.init.normal_(self.output.weight, std=std)
-        self.norm.reset_parameters()
-        for layer in self.layers:
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-            attn = layer.attention
-            for lin in (attn.wq, attn.wk, attn.wv, attn.wo):
-                nn.init.normal_(lin.weight, std=out_std if lin is attn.wo else std)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            ffn = layer.feed_forward
-            dense = ffn.shared_expert if isinstance(ffn, MoE) else ffn
-            nn.init.normal_(dense.w1.weight, std=std)
-            nn.init.normal_(dense.w3.weight, std=std)
-            nn.init.normal_(dense.w2.weight, std=out_std)
-            if isinstance(ffn, MoE):
-                nn.init.normal_(ffn.router.weight, std=std)
-                nn.init.normal_(ffn.experts.w1, std=std)
-                nn.init.normal_(ffn.experts.w3, std=std)
-                nn.init.normal_(ffn.experts.w2, std=out_std)
+        for name, p in self.init_order():
+            if name not in stds:
+                raise ValueError(f"init_weights: no std for parameter {name!r}")
+            s = stds[name]
+            if s is None:
+                (nn.init.ones_ if name.endswith("norm.weight") else nn.init.zeros_)(p)
+            elif s == 0:
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=s)
+
+    def init_order(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter in the draw order: embedding, head, final norm, then block by block
+        norms, attention, and the FFN (dense, or shared expert, router, routed experts)."""
+        order = ["tok_embeddings.weight", "output.weight", "norm.weight"]
+        for i, layer in enumerate(self.layers):
+            pre = f"layers.{i}."
+            order += [pre + "attention_norm.weight", pre + "ffn_norm.weight"]
+            for n in ("wq", "wk", "wv", "wo"):
+                order += [f"{pre}attention.{n}.weight", f"{pre}attention.{n}.bias"]
+            ffn = pre + "feed_forward."
+            if isinstance(layer.feed_forward, MoE):
+                order += [f"{ffn}shared_expert.{n}.weight" for n in ("w1", "w3", "w2")]
+                order += [ffn + "router.weight"] + [f"{ffn}experts.{n}" for n in ("w1", "w3", "w2")]
+            else:
+                order += [f"{ffn}{n}.weight" for n in ("w1", "w3", "w2")]
+        named = dict(self.named_parameters())
+        listed = [(n, named.pop(n)) for n in order if n in named]
+        return listed + list(named.items())  # anything else (none today) last
+
+    def standard_init_stds(self, std: float = 0.02) -> dict[str, float | None]:
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        stds: dict[str, float | None] = {}
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                stds[name] = None
+            elif name.endswith(("attention.wo.weight", "w2.weight", "experts.w2")):
+                stds[name] = out_std
+            else:
+                stds[name] = std
+        return stds
 
     @torch.no_grad()
     def init_buffers(self, device: torch.device | str | None = None) -> None:

@@ -124,10 +124,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         model = Transformer(cfg.model if metap is None else metap.model_args())
     model.to_empty(device=device)
     torch.manual_seed(cfg.seed)
-    if metap is None:
-        model.init_weights(cfg.init_std)
-    else:
-        metap.init_weights(model)
+    model.init_weights(cfg.init_std, stds=None if metap is None else metap.init_stds(model))
     return model
 
 
@@ -191,7 +188,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
         apply_compile(model)
     if parallelize is not None:
         model = parallelize(model, cfg)
-    optimizer = build_optimizer(model, cfg, cfg.metap_plan())
+    metap = cfg.metap_plan()
+    optimizer = build_optimizer(model, cfg, metap)
     schedule = Schedule.from_config(cfg)
     use_aux = cfg.balance in ("aux_loss", "aux_loss+bias") and bool(moe)
     use_bias = cfg.balance in ("bias", "aux_loss+bias") and bool(moe)
@@ -233,7 +231,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
     say(f"{cfg.name}: {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active), "
         f"{len(moe)} MoE layers x {cfg.model.n_experts} experts top-{cfg.model.top_k} + shared, "
         f"{cfg.tokens_per_step:,} tokens/step x {cfg.max_steps} steps, device {rt.device} ({compute_dtype}), "
-        f"threads {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); unigram entropy {uni['unigram_entropy']:.3f} nats/token")
+        f"threads {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); unigram entropy {uni['unigram_entropy']:.3f} nats/token"
+        + ("" if metap is None else f"; MetaP from base dim {metap.config.base.dim} x "
+           f"{metap.config.base.n_layers} layers, base LR {cfg.lr:.3g}"))
 
     def save(step_now: int) -> Path | None:
         if rt.dist is not None:  # collective: DCP shards + the loop's scalars in state.pt
