@@ -288,3 +288,18 @@ def test_coord_check_command_writes_json_and_png(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llama4", "metap", "coord-check", "--out", str(tmp_path),
                           "--widths", "32,x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "comma-separated integers" in bad.stderr
+
+
+def test_the_shipped_reference_sweep_passes_and_predicts_out_of_the_box():
+    """The README's sweep ships with the package: its checks hold and `predict` needs no --sweep."""
+    from llama4.metap.predict import REFERENCE_SWEEP
+
+    s = json.loads((REFERENCE_SWEEP / "summary.json").read_text())
+    c = s["checks"]
+    assert c["pass"] and c["metap_lr_shift"] < 2 and c["standard_lr_shift"] >= 2 and c["metap_wider_never_worse"]
+    held = json.loads((REFERENCE_SWEEP / "heldout.json").read_text())
+    assert held["width"] >= 2 * max(held["proxy_widths"]) and held["gap_to_best"] <= 0.01
+    p = subprocess.run([sys.executable, "-m", "llama4", "metap", "predict", "--target", "scout",
+                        "--tokens", str(40 * 10 ** 12)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "extrapolates more than 4x" in p.stdout and "experts.w2" in p.stdout

@@ -260,9 +260,13 @@ def test_api_key_is_enforced_and_server_keeps_serving(server, client):
     assert server["engine"].running == 0 and not server["engine"].waiting
 
 
-def test_client_disconnect_mid_stream_frees_the_row(server):
+def test_client_disconnect_mid_stream_frees_the_row(server, monkeypatch):
     engine = server["engine"]
     aborted = engine.stats["aborted"]
+    # 300 tokens of a tiny model decode in well under a second: on a loaded machine the request
+    # could finish before the disconnect is seen. 20 ms per step leaves it >= 6 s to be aborted.
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])
     body = dict(model="tiny-chat", messages=user("a long answer please"), max_tokens=300, temperature=0,
                 stream=True)
     with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body, timeout=60,

@@ -47,10 +47,10 @@ def _sweep(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from llama4.metap.predict import SweepError, predict
+    from llama4.metap.predict import REFERENCE_SWEEP, SweepError, predict
 
     try:
-        p = predict(a.sweep, a.target, a.tokens, a.batch)
+        p = predict(a.sweep or REFERENCE_SWEEP, a.target, a.tokens, a.batch)
     except SweepError as e:
         print(f"llama4 metap predict: error: {e}", file=sys.stderr)
         return 2
@@ -85,7 +85,7 @@ def _validate(a: argparse.Namespace) -> int:
         print(f"llama4 metap validate: error: {e}", file=sys.stderr)
         return 2
     print(f"held-out width {r['width']} (proxies {r['proxy_widths']}): predicted LR {r['predicted_lr']:.3g}, "
-          f"loss {r['loss_at_predicted_lr']:.4f} vs best of the 5-LR sweep {r['best_grid_loss']:.4f} "
+          f"loss {r['loss_at_predicted_lr']:.4f} vs the best MetaP run there {r['best_loss']:.4f} "
           f"(gap {100 * r['gap_to_best']:.2f}%, limit 1%): {'pass' if r['pass'] else 'FAIL'}")
     b = r["baselines"]
     print(f"baselines at the base proxy's LR {b['metap_base_lr_no_law']['lr']:.3g}: MetaP "
@@ -119,7 +119,9 @@ def add_subparser(subparsers) -> None:
     r.add_argument("--target", required=True, help="flavor (scout, ...), recipe (default, ...) or ModelArgs/config.json")
     r.add_argument("--tokens", type=int, required=True, help="training tokens")
     r.add_argument("--batch", type=int, default=None, help="tokens per optimizer step (recorded; see notes)")
-    r.add_argument("--sweep", default="runs/metap-sweep", help="a finished `llama4 metap sweep` folder")
+    r.add_argument("--sweep", default=None,
+                   help="a finished `llama4 metap sweep` folder (default: the reference sweep shipped in "
+                   "llama4/metap/reference_sweep, run on the README's machine)")
     r.add_argument("--out", default=None, help="write the prediction as JSON here")
     r.set_defaults(func=_predict)
 

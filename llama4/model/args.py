@@ -151,7 +151,7 @@ class ModelArgs:
 
     @property
     def has_forward_multipliers(self) -> bool:
-        """True when the forward differs from Llama 4's by a multiplier (MetaP); see ``fold``."""
+        """True when the forward differs from Llama 4's by a multiplier (MetaP); ``llama4.save`` folds them."""
         return (self.embed_mult, self.residual_mult, self.logit_mult, self.softmax_scale) != (1.0, 1.0, 1.0, None)
 
     def is_moe_layer(self, i: int) -> bool:

@@ -47,6 +47,18 @@ def default_dense() -> TrainConfig:
     return cfg.replace(name="default-dense", model=cfg.model.replace(n_experts=0))
 
 
+def default_metap() -> TrainConfig:
+    """`default` under MetaP: the base LR and per-layer rules that `llama4 metap predict` gives the
+    default model for its 2.2M tokens from the reference sweep (byte-level proxies of width 32..256
+    shipped in llama4/metap/reference_sweep). Nothing else changes."""
+    from llama4.metap.predict import REFERENCE_SWEEP, predict
+
+    cfg = default()
+    p = predict(REFERENCE_SWEEP, "default", cfg.max_steps * cfg.tokens_per_step, cfg.tokens_per_step)
+    o = p["train_overrides"]
+    return cfg.replace(name="default-metap", parametrization=o["parametrization"], metap=o["metap"], lr=o["lr"])
+
+
 def scout_like() -> TrainConfig:
     """A Scout-shaped MoE (16 experts, MoE in every layer) at hidden 512, for the benchmarks."""
     model = ModelArgs(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64,

@@ -63,7 +63,8 @@ def add_subparser(subparsers) -> None:
         description="Runs a named recipe into --out: tokenizer, shards, training with checkpoints, "
         "evaluation, samples, plots, and the HF export in OUT/final.")
     t.add_argument("--recipe", default="default",
-                   help="named recipe in llama4/recipes: debug, default (the default), default-dense, scout-like")
+                   help="named recipe in llama4/recipes: debug, default (the default), default-dense, default-metap, "
+                   "scout-like")
     t.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, plots, final/)")
     t.add_argument("--max-steps", type=int, default=None, help="optimizer steps; sets the schedule's length")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

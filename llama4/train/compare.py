@@ -18,8 +18,9 @@ def compare(run_dirs: list[str | Path], out: str | Path, title: str = "") -> lis
     runs, rows = {}, []
     for d in map(Path, run_dirs):
         summary = json.loads((d / "summary.json").read_text())
-        runs[summary["recipe"]] = read_metrics(d)
-        rows.append({"run": summary["recipe"], "dir": str(d), "tokens": summary["tokens"],
+        name = summary["recipe"] if summary["recipe"] not in runs else d.name  # two runs of one recipe
+        runs[name] = read_metrics(d)
+        rows.append({"run": name, "dir": str(d), "tokens": summary["tokens"],
                      "active": summary["params"]["active"], "total": summary["params"]["total"],
                      "val_loss": summary["val_loss_mean"], "elapsed_s": summary["elapsed_s"]})
     plot_runs(runs, Path(out), title or " vs ".join(runs))
