@@ -97,6 +97,9 @@ def _entry(rank, fn, world_size, port, args):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
+        # Leave together: a rank that tears gloo down while its peer is still finishing a
+        # collective can die with "terminate called without an active exception" (seen once).
+        dist.barrier()
     except Exception:
         traceback.print_exc()
         raise
