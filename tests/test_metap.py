@@ -290,7 +290,7 @@ def test_coord_check_command_writes_json_and_png(tmp_path):
     assert bad.returncode == 2 and "comma-separated integers" in bad.stderr
 
 
-def test_the_shipped_reference_sweep_passes_and_predicts_out_of_the_box():
+def test_the_shipped_reference_sweep_passes_and_predicts_out_of_the_box(tmp_path):
     """The README's sweep ships with the package: its checks hold and `predict` needs no --sweep."""
     from llama4.metap.predict import REFERENCE_SWEEP
 
@@ -300,6 +300,8 @@ def test_the_shipped_reference_sweep_passes_and_predicts_out_of_the_box():
     held = json.loads((REFERENCE_SWEEP / "heldout.json").read_text())
     assert held["width"] >= 2 * max(held["proxy_widths"]) and held["gap_to_best"] <= 0.01
     p = subprocess.run([sys.executable, "-m", "llama4", "metap", "predict", "--target", "scout",
-                        "--tokens", str(40 * 10 ** 12)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        "--tokens", str(40 * 10 ** 12)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "extrapolates more than 4x" in p.stdout and "experts.w2" in p.stdout
+    pred = json.loads((tmp_path / "runs/metap/predict-scout.json").read_text())  # the default --out
+    assert pred["sweep"] == str(REFERENCE_SWEEP) and pred["model"]["n_experts"] == 16

@@ -55,12 +55,11 @@ def _predict(a: argparse.Namespace) -> int:
         print(f"llama4 metap predict: error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(p, indent=1) + "\n"
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+    out = Path(a.out or f"runs/metap/predict-{Path(a.target).stem}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
     print(f"{a.target}: base LR {p['lr']:.3g} (log2 {p['log2_lr']:+.2f}) for {a.tokens:,} tokens; law "
           + ", ".join(f"{k} {v:+.3f}" for k, v in p["law"]["coef"].items())
           + f"; leave-one-out error {p['law']['loo_rms_log2']:.2f} (log2)")
@@ -71,8 +70,7 @@ def _predict(a: argparse.Namespace) -> int:
     print("  forward: " + ", ".join(f"{k} {v:.4g}" for k, v in p["forward"].items() if v is not None))
     for n in p["notes"]:
         print(f"  note: {n}")
-    if a.out:
-        print(f"wrote {a.out} (train with: llama4 train --recipe ... --metap {a.out})")
+    print(f"wrote {out} (train with: llama4 train --recipe ... --metap {out})")
     return 0
 
 
@@ -122,7 +120,7 @@ def add_subparser(subparsers) -> None:
     r.add_argument("--sweep", default=None,
                    help="a finished `llama4 metap sweep` folder (default: the reference sweep shipped in "
                    "llama4/metap/reference_sweep, run on the README's machine)")
-    r.add_argument("--out", default=None, help="write the prediction as JSON here")
+    r.add_argument("--out", default=None, help="the prediction as JSON (default: runs/metap/predict-TARGET.json)")
     r.set_defaults(func=_predict)
 
     v = sub.add_parser("validate", help="check the predictor on a proxy wider than every swept one")
