@@ -274,6 +274,8 @@ _WORKER = textwrap.dedent("""
         torch.save(logits, os.path.join(out, "logits.pt"))
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # skip finalization, where gloo threads can abort a finished process (pytorch#179291)
 """)
 
 

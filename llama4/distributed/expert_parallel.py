@@ -10,8 +10,11 @@ that same interface. Rank j of the ep group owns experts ``[j*E/ep, (j+1)*E/ep)`
        experts with the model's own GroupedExperts code on the local weight shard
     4. combine: undo the regrouping and all_to_all the rows back (splits swapped)
 
-Both all-to-alls are ``all_to_all_single_autograd``: backward runs the reverse exchange, so
-gradients reach the sending rank's router and attention. The weights stay one DTensor per
+Both all-to-alls are `_AllToAll`, a synchronous c10d exchange whose backward runs the reverse
+exchange, so gradients reach the sending rank's router and attention. (The functional
+``all_to_all_single_autograd`` waits lazily; on gloo with uneven and empty splits it aborted a
+rank now and then with "terminate called without an active exception": 3 of about 8 runs of
+tests/distributed on the 2-core machine.) The weights stay one DTensor per
 name, Shard(0) over the ep mesh, so state dicts and DCP checkpoints hold the full (E, ...) tensors
 under the model's own names (``...experts.w1``).
 """
@@ -21,12 +24,30 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.func import functional_call
 
 from llama4.model.moe import GroupedExperts
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows (sum(in_splits), ...) -> (sum(out_splits), ...): split i of the input goes to rank i;
+    backward sends the gradients back the same way with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
 
 _NAMES = ("w1", "w3", "w2")
 
@@ -81,7 +102,7 @@ class ExpertParallelExperts(nn.Module):
         recv_counts = recv_counts.view(ep, n_local)
         send_splits = counts.view(ep, n_local).sum(1).tolist()  # rows to each peer
         recv_splits = recv_counts.sum(1).tolist()  # rows from each peer
-        routed = all_to_all_single_autograd(x, recv_splits, send_splits, group)  # (M_in, D)
+        routed = _AllToAll.apply(x, recv_splits, send_splits, group)  # (M_in, D)
         order = regroup_index(recv_counts)  # source-major -> local-expert-major
         local_in = routed.index_select(0, order)
         weights = {n: self._local(n) for n in _NAMES}
@@ -89,7 +110,7 @@ class ExpertParallelExperts(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         back = local_out.index_select(0, inverse)  # source-major again
-        return all_to_all_single_autograd(back, send_splits, recv_splits, group)  # (M, D)
+        return _AllToAll.apply(back, send_splits, recv_splits, group)  # (M, D)
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, ep={self.ep_mesh.size()}, local={self.n_local}"

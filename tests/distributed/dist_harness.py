@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import traceback
 
 import torch
@@ -97,15 +98,19 @@ def _entry(rank, fn, world_size, port, args):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
-        # Leave together: a rank that tears gloo down while its peer is still finishing a
-        # collective can die with "terminate called without an active exception" (seen once).
-        dist.barrier()
+        dist.barrier()  # leave together: no rank tears gloo down under a peer's last collective
     except Exception:
         traceback.print_exc()
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Reached on success only. Skip interpreter finalization: gloo's worker threads can abort the
+    # process there after all the work is done (SIGABRT, "terminate called without an active
+    # exception"; pytorch/pytorch#179291), seen twice on fresh installs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def dump(obj, path) -> None:
