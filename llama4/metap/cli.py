@@ -48,6 +48,7 @@ def _sweep(a: argparse.Namespace) -> int:
 
 def _predict(a: argparse.Namespace) -> int:
     from llama4.metap.predict import REFERENCE_SWEEP, SweepError, predict
+    from llama4.metap.report import write_text
 
     try:
         p = predict(a.sweep or REFERENCE_SWEEP, a.target, a.tokens, a.batch)
@@ -56,10 +57,7 @@ def _predict(a: argparse.Namespace) -> int:
         return 2
     text = json.dumps(p, indent=1) + "\n"
     out = Path(a.out or f"runs/metap/predict-{Path(a.target).stem}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    write_text(out, text)
     print(f"{a.target}: base LR {p['lr']:.3g} (log2 {p['log2_lr']:+.2f}) for {a.tokens:,} tokens; law "
           + ", ".join(f"{k} {v:+.3f}" for k, v in p["law"]["coef"].items())
           + f"; leave-one-out error {p['law']['loo_rms_log2']:.2f} (log2)")

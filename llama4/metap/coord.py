@@ -10,13 +10,13 @@ slope of log2(mean |x|) against log2(width) at the last step.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from llama4.metap.proxy import ProxyRun, build, optimizer_for, train_batches
+from llama4.metap.report import save_figure, write_text
+from llama4.metap.proxy import ProxyRun, build, optimizer_for, step_loss, train_batches
 from llama4.train import losses
 from llama4.train.optim import set_lr
 
@@ -36,26 +36,21 @@ def record(run: ProxyRun, steps: int) -> dict[str, list[float]]:
     def put(name, x):
         stats.setdefault(name, []).append(x.detach().abs().mean().item())
 
-    hooks = [model.layers[0].register_forward_pre_hook(lambda m, a: put("embedding", a[0]))]
+    hooks = [model.layers[0].register_forward_pre_hook(lambda m, a: put("embedding", a[0])),
+             model.register_forward_hook(lambda m, a, y: put("logits", y))]
     for i, block in enumerate(model.layers):
         hooks.append(block.attention.register_forward_hook(lambda m, a, y, i=i: put(f"attn.{i}", r * y)))
         hooks.append(block.register_forward_hook(lambda m, a, y, i=i: put(f"block.{i}", y)))
     moe = losses.moe_layers(model)
     losses.record_router_stats(model)
     data = train_batches(run.seed, run.batch, run.seq_len)
-    for step in range(steps + 1):
-        x, y = next(data)
-        logits = model(x)
-        put("logits", logits)
-        if step == steps:
-            break
-        loss = losses.cross_entropy(logits, y)
-        if moe:
-            bal, z, _ = losses.router_losses(moe)
-            loss = loss + run.aux_loss_coef * bal + run.z_loss_coef * z
+    for _ in range(steps):
+        loss, _, _ = step_loss(run, model, moe, *next(data))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    with torch.no_grad():
+        model(next(data)[0])  # the activations after the last step
     for h in hooks:
         h.remove()
     return stats
@@ -110,18 +105,13 @@ def plot(path: Path, result: dict) -> None:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("mean |activation|")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run_coord_check(out, **kw) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = coord_check(**kw)
-    tmp = out / ".coord_check.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out / "coord_check.json")
+    write_text(out / "coord_check.json", json.dumps(result, indent=1) + "\n")
     plot(out / "coord_check.png", result)
     return result

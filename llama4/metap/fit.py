@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# What makes two rows the same configuration (seeds and LRs vary within one).
-CONFIG_KEYS = ("param", "width", "depth", "n_experts", "expert_mult", "steps", "batch", "seq_len",
-               "base_width", "base_depth", "base_experts", "base_expert_mult", "init_std", "output_mult",
-               "embed_lr_mult", "output_lr_mult")
+from llama4.metap.proxy import ProxyRun
+
+# What makes two rows the same configuration: every field of the run but its LR, seed and family.
+CONFIG_KEYS = tuple(f for f in ProxyRun.__dataclass_fields__ if f not in ("lr", "seed", "family"))
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Optimum:
 
 
 def config_of(row: dict) -> tuple:
-    return tuple(row[k] for k in CONFIG_KEYS)
+    return tuple(row.get(k) for k in CONFIG_KEYS)
 
 
 def group_configs(rows: list[dict]) -> dict[tuple, list[dict]]:

@@ -19,9 +19,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from llama4.metap.fit import Optimum, fit_law, group_configs, lr_curve, optimum, point_of
+from llama4.metap.fit import LRLaw, Optimum, fit_law, group_configs, lr_curve, optimum, point_of
 from llama4.metap.param import BaseShape, MetaP, MetaPConfig
 from llama4.metap.proxy import ProxyRun, proxy_args
+from llama4.metap.report import write_text
 from llama4.model.args import ModelArgs
 
 # The issue's bar for the held-out check: the predicted LR's loss within 1% of the best found.
@@ -56,12 +57,10 @@ def metap_optima(rows: list[dict]) -> list[tuple[dict, Optimum]]:
     return [(point_of(rs[0]), optimum(rs)) for rs in group_configs(stage2).values()]
 
 
-def fit_from_sweep(sweep_dir):
-    """-> (the LR law, the base ProxyRun, the base point) fitted on a sweep folder."""
-    rows, _ = load_sweep(sweep_dir)
+def fit_sweep(rows: list[dict]) -> tuple[LRLaw, ProxyRun]:
+    """-> (the LR law, the base ProxyRun) fitted on a sweep's rows (held-out runs left out)."""
     base = base_run_of(rows)
-    base_point = point_of({**base.__dict__})
-    return fit_law(metap_optima(rows), base_point), base, base_point
+    return fit_law(metap_optima(rows), point_of(vars(base))), base
 
 
 def target_args(spec: str) -> ModelArgs:
@@ -103,7 +102,7 @@ def predict(sweep_dir, target: str, tokens: int, batch: int | None = None) -> di
     """The base LR and the per-group table for ``target`` trained on ``tokens`` tokens."""
     if tokens <= 0:
         raise SweepError(f"--tokens must be positive, got {tokens}")
-    law, base, base_point = fit_from_sweep(sweep_dir)
+    law, base = fit_sweep(load_sweep(sweep_dir)[0])
     args = target_args(target)
     point = {"width": args.dim, "depth": args.n_layers, "tokens": tokens,
              "n_experts": max(1, args.n_experts), "expert_mult": args.expert_dim / args.dim}
@@ -151,14 +150,14 @@ def validate(sweep_dir, width: int | None = None, workers: int | None = None, sa
 
     sweep_dir = Path(sweep_dir)
     rows, summary = load_sweep(sweep_dir)
-    law, base, _ = fit_from_sweep(sweep_dir)
+    law, base = fit_sweep(rows)
     proxy_widths = sorted({r["width"] for r in rows if r["family"] == "width"})
     width = width or 2 * proxy_widths[-1]
     if width <= proxy_widths[-1]:
         raise SweepError(f"the held-out width {width} must exceed every proxy width (max {proxy_widths[-1]})")
     proxy_args(width)  # shape check before any work
     held = replace(base, width=width, family="heldout")
-    log2_pred = law.predict_log2(point_of({**held.__dict__}))
+    log2_pred = law.predict_log2(point_of(vars(held)))
     base_lr = summary["width"]["metap"][str(base.width)]["grid_lr"]
     runs = [replace(held, lr=2.0 ** (log2_pred + d)) for d in (-2, -1, 0, 1, 2)]
     runs += [replace(held, lr=base_lr), replace(held, lr=base_lr, param="standard")]
@@ -188,7 +187,5 @@ def validate(sweep_dir, width: int | None = None, workers: int | None = None, sa
         "law": law.to_dict(),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    tmp = sweep_dir / ".heldout.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(sweep_dir / "heldout.json")
+    write_text(sweep_dir / "heldout.json", json.dumps(result, indent=1) + "\n")
     return result

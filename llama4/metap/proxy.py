@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -161,6 +161,17 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch: int = 16) -> floa
     return total / len(windows)
 
 
+def step_loss(run: ProxyRun, model: Transformer, moe: list, x: torch.Tensor, y: torch.Tensor):
+    """-> (training loss, cross-entropy, expert loads or None) of one batch: cross-entropy plus
+    the run's balance and z-losses (router stats must be recorded)."""
+    logits = model(x)
+    ce = losses.cross_entropy(logits, y)
+    if not moe:
+        return ce, ce, None
+    bal, z, loads = losses.router_losses(moe)
+    return ce + run.aux_loss_coef * bal + run.z_loss_coef * z, ce, loads
+
+
 # --------------------------------------------------------------------------------------------
 # one run
 
@@ -172,7 +183,6 @@ class ProxyResult:
     imbalance: float  # max/mean expert load over the last 10% of steps, worst layer
     seconds: float
     diverged: bool = False
-    extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         d = asdict(self.run)
@@ -196,12 +206,7 @@ def train_proxy(run: ProxyRun) -> ProxyResult:
     ce_tail, loads_tail = [], None
     for step in range(run.steps):
         set_lr(opt, schedule(step))
-        x, y = next(data)
-        ce = losses.cross_entropy(model(x), y)
-        loss = ce
-        if moe:
-            bal, z, loads = losses.router_losses(moe)
-            loss = loss + run.aux_loss_coef * bal + run.z_loss_coef * z
+        loss, ce, loads = step_loss(run, model, moe, *next(data))
         if not torch.isfinite(loss):
             return ProxyResult(run, math.nan, math.nan, math.nan, time.perf_counter() - t0, diverged=True)
         opt.zero_grad(set_to_none=True)
@@ -209,7 +214,7 @@ def train_proxy(run: ProxyRun) -> ProxyResult:
         opt.step()
         if step >= run.steps - tail:
             ce_tail.append(ce.item())
-            if moe:
+            if loads is not None:
                 loads_tail = loads if loads_tail is None else loads_tail + loads
     losses.record_router_stats(model, False)
     val = evaluate(model, val_windows())

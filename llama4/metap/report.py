@@ -4,14 +4,15 @@ configuration, the pass/fail checks) and ``sweep.png`` (loss vs LR per family)."
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from llama4.metap.fit import Optimum, group_configs, lr_curve, optimum
+from llama4.tokenizer.files import atomic_write_bytes
 
 # Pass thresholds of the issue: MetaP's best LR moves by < 2x over the width range; the standard
 # parametrization's must visibly drift (>= 2x, otherwise the experiment has no power to show
@@ -20,20 +21,26 @@ MAX_METAP_SHIFT = 2.0
 MIN_STANDARD_DRIFT = 2.0
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    cols = list(rows[0])
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure to PNG, atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _opt_dict(o: Optimum) -> dict:
@@ -174,10 +181,7 @@ def plot(path: Path, rows: list[dict], summary: dict) -> None:
     curves(axes[1, 2], {f"{n * 1024 // 1000}k tokens": _select(tr, steps=n) for n in sorted({r["steps"] for r in tr})},
            "MetaP: token budget (width 64)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_report(out: Path, rows: list[dict], knobs: dict, wall_s: float | None = None) -> dict:
@@ -186,6 +190,6 @@ def write_report(out: Path, rows: list[dict], knobs: dict, wall_s: float | None 
     if wall_s is not None:
         summary["wall_s"] = round(wall_s, 1)
     write_csv(out / "sweep.csv", rows)
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     plot(out / "sweep.png", rows, summary)
     return summary

@@ -195,7 +195,9 @@ def sweep(out, families: tuple[str, ...] = ("width", "depth", "experts", "tokens
 
 def add_wall_time(out: Path, seconds: float) -> float:
     """Total training wall time of the sweep in ``out`` over every (resumed) invocation."""
+    from llama4.metap.report import write_text
+
     f = Path(out) / "wall_time.json"
     total = (json.loads(f.read_text())["seconds"] if f.exists() else 0.0) + seconds
-    f.write_text(json.dumps({"seconds": round(total, 1)}) + "\n")
+    write_text(f, json.dumps({"seconds": round(total, 1)}) + "\n")
     return total
