@@ -1,13 +1,14 @@
 """Inference on an accelerator: correctness checks, then decode/prefill against HF on the device.
 
-    python benchmarks/bench_infer_device.py [--device cuda] [--skip-hf]
+    python benchmarks/bench_infer_device.py [--device cuda] [--skip-hf] [--compile]
 
 Checks (float32): incremental decode == full forward at every step (tiny chunk, tiny floor_scale:
 chunk crossings and temperature steps; prefill pieces use the non-CPU log-sum-exp path); greedy
 tokens on the device == on the CPU; 32 decode + sampling steps raise nothing under
 ``torch.cuda.set_sync_debug_mode("error")`` (no host-device synchronisation). Then the 23M
 benchmark shape: decode tokens/s at batch 1 and 8 (float32 and bfloat16) and a 32k prefill with
-peak device memory, ours vs transformers on the same checkpoint.
+peak device memory, ours vs transformers on the same checkpoint. ``--compile`` adds our
+torch.compile'd decode step (``generate(compile=True)``) and checks its tokens against eager.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def checks(dev) -> None:
         print(f"[check] 32 decode+sample steps under set_sync_debug_mode('error'): {ok}")
 
 
-def bench(dev, skip_hf: bool) -> None:
+def bench(dev, skip_hf: bool, compile: bool) -> None:
     from transformers import Llama4ForCausalLM
 
     args = ModelArgs(vocab_size=8192, dim=256, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, n_experts=8,
@@ -114,11 +115,12 @@ def bench(dev, skip_hf: bool) -> None:
             x = prompt[:B].to(dev)
             with torch.no_grad():
                 return hf.generate(x, max_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(x))
-        return generate(models[name], prompt[:B].tolist(), k)
+        return generate(models[name.removesuffix(" compiled")], prompt[:B].tolist(), k,
+                        compile=name.endswith("compiled"))
 
-    names = list(models) + ([] if skip_hf else ["HF fp32"])
-    print("\n| batch | implementation | decode tokens/s |")
-    print("|---|---|---|")
+    names = list(models) + [f"{m} compiled" for m in models if compile] + ([] if skip_hf else ["HF fp32"])
+    print("\n| batch | implementation | decode tokens/s | tokens == eager |")
+    print("|---|---|---|---|")
     for B in (1, 8):
         for name in names:
             run(name, B, 2)
@@ -128,10 +130,11 @@ def bench(dev, skip_hf: bool) -> None:
             sync(dev)
             t1 = time.perf_counter() - t
             t = time.perf_counter()
-            run(name, B, n + 1)
+            out = run(name, B, n + 1)
             sync(dev)
             tn = time.perf_counter() - t
-            print(f"| {B} | {name} | {B * n / (tn - t1):.0f} |", flush=True)
+            same = out == run(name.removesuffix(" compiled"), B, n + 1) if name.endswith("compiled") else ""
+            print(f"| {B} | {name} | {B * n / (tn - t1):.0f} | {same} |", flush=True)
     if dev.type != "cuda":
         return
     print("\n| prefill 32k | seconds | peak device memory |")
@@ -154,12 +157,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
     a = p.parse_args()
     dev = torch.device(a.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device {dev} ({name}), torch {torch.__version__}")
     checks(dev)
-    bench(dev, a.skip_hf)
+    bench(dev, a.skip_hf, a.compile)
 
 
 if __name__ == "__main__":
