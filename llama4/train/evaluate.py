@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llama4.data.loader import val_batches, val_languages
-from llama4.train.losses import moe_layers
+from llama4.train.losses import moe_layers, record_router_stats
 
 # In-domain prompts (the corpus's main languages are LibreOffice help pages).
 PROMPTS = {
@@ -46,8 +46,7 @@ def evaluate(model, data_dir: Path, batch_size: int, seq_len: int, max_batches: 
     "loads": (n_moe, E) tokens per expert, and, when given a unigram table / tokenizer,
     "unigram": {lang: nats/token on the same targets}, "bits_per_byte": {lang: ...}}``."""
     layers = moe_layers(model)
-    for _, m in layers:
-        m.record_router_stats = True
+    record_router_stats(model)
     loads = None
     out = {"val_loss": {}, "unigram": {}, "bits_per_byte": {}}
     total_loss, total_n = 0.0, 0
@@ -96,8 +95,7 @@ def expert_load(model, data_dir: Path, split: str, seq_len: int, n_windows: int,
     layers = moe_layers(model)
     if not layers:
         return None
-    for _, m in layers:
-        m.record_router_stats = True
+    record_router_stats(model)
     stream = TokenStream(data_dir, split)
     last = stream.n_tokens - seq_len - 1
     starts = np.linspace(0, last, num=n_windows).astype(np.int64)

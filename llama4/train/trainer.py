@@ -440,7 +440,12 @@ def _finish(cfg, out, model, tok, tok_path, data_dir, moe, use_bias, uni, counts
                         for split in ("train", "val"))
     final = export_final(model, tok_path, out)
     model.eval()
-    gen = ev.samples(model, tok, cfg.sample_langs, cfg.sample_tokens, seed=cfg.seed) if cfg.sample_tokens else []
+    gen = []
+    if cfg.sample_tokens:
+        # Compiled blocks would recompile for every KV-cache layer type and prefill/decode shape
+        # (torch.compile's limit of 8 is hit on the way); a few samples run eager.
+        with torch.compiler.set_stance("force_eager"):
+            gen = ev.samples(model, tok, cfg.sample_langs, cfg.sample_tokens, seed=cfg.seed)
     if gen:
         lid = ev.LanguageID()
         for s in gen:
