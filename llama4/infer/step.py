@@ -1,6 +1,6 @@
 """The decode step: the model called on one new token per row, set up for speed.
 
-Two choices are made here, outside the model:
+These choices are made here, outside the model:
 
 * **MoE path.** The model's default ("grouped") sorts tokens by expert and runs one grouped
   matmul; that is best for prefill and wide batches. For a handful of decode tokens the
@@ -20,7 +20,10 @@ Two choices are made here, outside the model:
   are lowered as ``(x[:, None, :] * W[None, :, :]).sum(-1)``, and the routed experts' weights
   (stored ``x @ W``, [E, in, out], as Meta and HF store them) are re-laid out in memory as
   [E, out, in] with the same shape and values (a strided view), so their reduction dimension is
-  contiguous too. With more rows a step is compute-bound and BLAS is the better kernel.
+  contiguous too. At 8 rows both run at ~5 GB/s (the reduction re-reads its input per weight
+  row), so BLAS keeps wider steps.
+* **Guard-light calls** (compiled only). Once a call shape has passed Dynamo's full guards,
+  later calls of that shape skip them (0.3 ms per CPU step); see ``DecodeStep._run``.
 
 The eager path with the model's own MoE is the reference; tests check they agree.
 """
