@@ -178,12 +178,24 @@ def test_static_mode_equals_dynamic(model):
     with torch.no_grad():
         out = []
         for static in (False, True):
-            cache = KVCache.for_model(model, 2, 32, static=static)
+            # static: 3 rows, 2 decoding -> steps over 2 rows (a power of two), the third row idle
+            cache = KVCache.for_model(model, 3 if static else 2, 32, static=static)
             for r in range(2):
                 cache.prefill(model, seq[r:r + 1, :11], r, piece=4)
                 cache.set_decoding(r, True)
             out.append(torch.stack([cache.decode(model, seq[:, t:t + 1]) for t in range(11, 30)]))
     assert (out[0] - out[1]).abs().max() <= TOL
+
+
+def test_static_steps_take_power_of_two_rows(model):
+    """A compiled decode step gets at most log2(max_batch) + 1 shapes, and a lone request in
+    row 0 decodes 1 row, not max_batch."""
+    static, dynamic = KVCache.for_model(model, 8, 16, static=True), KVCache.for_model(model, 8, 16)
+    for rows, n_static, n_dynamic in [((), 0, 0), ((0,), 1, 1), ((0, 2), 4, 3), ((5,), 8, 6), ((7,), 8, 8)]:
+        for cache in (static, dynamic):
+            for r in range(8):
+                cache.decoding[r] = r in rows
+        assert (static.n_rows(), dynamic.n_rows()) == (n_static, n_dynamic)
 
 
 def test_memory_is_bounded_on_chunked_layers(model):

@@ -171,6 +171,7 @@ class Engine:
                         req.error = f"{type(e).__name__}: {e}"
                         self._finish(req, "error")
 
+    @torch.inference_mode()
     def step(self) -> None:
         """Admit waiting requests, run one prefill piece, then one decode step for all rows."""
         self.stats["steps"] += 1

@@ -115,7 +115,7 @@ def generate_stream(model, prompt_ids, max_new_tokens: int, temperature: float =
             yield out
             if all(done):
                 return
-        n = cache.n_rows()
+        n = B if compile else cache.n_rows()  # compiled: finished rows keep their place, no new shape
         logits = cache.decode(step, tok[:n].view(n, 1))
         tok = sampler(logits)
         if n < B:  # rows past n are done; keep the shape for stacking

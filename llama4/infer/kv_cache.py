@@ -200,11 +200,13 @@ class KVCache:
         self.pos[row] = self.lengths[row] if on else 0
 
     def n_rows(self) -> int:
-        """Decode steps run over rows [0, n_rows): up to the last decoding row (all rows in static
-        mode, so the shapes never change)."""
-        if self.static:
-            return self.max_batch if any(self.decoding) else 0
-        return max((r + 1 for r in range(self.max_batch) if self.decoding[r]), default=0)
+        """Decode steps run over rows [0, n_rows): up to the last decoding row. In static mode that
+        is rounded up to a power of two (at most ``max_batch``): a compiled step then has at most
+        log2(max_batch) + 1 shapes, and a lone request decodes 1 row, not ``max_batch``."""
+        last = max((r + 1 for r in range(self.max_batch) if self.decoding[r]), default=0)
+        if self.static and last:
+            return min(self.max_batch, 1 << (last - 1).bit_length())
+        return last
 
     # --- forward passes ---------------------------------------------------------------------
     def prefill(self, model, tokens: torch.Tensor, rows: range | int = 0, piece: int = 2048,
