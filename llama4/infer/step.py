@@ -78,7 +78,7 @@ def _cpu_decode_backend():
 
     table[aten.mm.default] = mm
     table[aten.bmm.default] = _small_bmm
-    return functools.partial(compile_fx, decompositions=table, config_patches={"freezing": True, "cpp_wrapper": not __import__("os").environ.get("NOCPPW")})
+    return functools.partial(compile_fx, decompositions=table, config_patches={"freezing": True, "cpp_wrapper": True})
 
 
 def relayout_experts_for_decode(model: torch.nn.Module) -> None:
