@@ -4,6 +4,7 @@ device reads inside the decode loop."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -176,7 +177,7 @@ def test_compiled_decode_equals_eager(hf_and_ours):
     as reductions over re-laid-out expert weights, more rows through BLAS) give the eager tokens,
     also when the batch changes between calls: each shape gets its own graph, and guard-light
     calls (``DecodeStep._run``) still pick the right one."""
-    _, ours = hf_and_ours
+    ours = copy.deepcopy(hf_and_ours[1])
     two, five = prompts([3, 12], seed=13), prompts([5, 9, 2, 7, 4], seed=14)
     eager_two, eager_five = generate(ours, two, 24), generate(ours, five, 10)
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
@@ -184,3 +185,9 @@ def test_compiled_decode_equals_eager(hf_and_ours):
     assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters())  # same values
     assert generate(ours, five, 10, compile=True) == eager_five
     assert generate(ours, two, 24, compile=True) == eager_two
+    with torch.no_grad():  # weights changed in place (a training step would): the graph sees them
+        ours.output.weight.mul_(torch.linspace(0.2, 3.0, VOCAB).unsqueeze(1))
+        ours.layers[1].feed_forward.experts.w1.mul_(-1.0)
+    changed_two, changed_five = generate(ours, two, 24), generate(ours, five, 10)
+    assert changed_two != eager_two and generate(ours, two, 24, compile=True) == changed_two
+    assert changed_five != eager_five and generate(ours, five, 10, compile=True) == changed_five
