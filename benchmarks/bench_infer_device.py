@@ -23,6 +23,8 @@ import llama4
 from llama4.infer import KVCache, Sampler, SamplingParams, generate
 from llama4.model import ModelArgs, Transformer
 
+from bench_decode import bench_args  # benchmarks/ is on sys.path when run as a script
+
 TINY = dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4, top_k=1,
             expert_dim=32, dense_dim=96, interleave_moe_layer_step=2, nope_layer_interval=2,
             attention_chunk_size=8, floor_scale=4.0, max_seq_len=4096)
@@ -93,9 +95,7 @@ def checks(dev) -> None:
 def bench(dev, skip_hf: bool, compile: bool) -> None:
     from transformers import Llama4ForCausalLM
 
-    args = ModelArgs(vocab_size=8192, dim=256, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, n_experts=8,
-                     top_k=1, expert_dim=512, dense_dim=1024, interleave_moe_layer_step=2, nope_layer_interval=4,
-                     attention_chunk_size=256, floor_scale=8192.0, max_seq_len=65536)
+    args = bench_args()  # the 23M benchmark shape
     torch.manual_seed(0)
     src = Transformer(args)
     src.init_weights()

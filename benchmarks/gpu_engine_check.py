@@ -13,7 +13,9 @@ import time
 import torch
 
 from llama4.infer.engine import Engine, EngineConfig
-from llama4.model import ModelArgs, Transformer
+from llama4.model import Transformer
+
+from bench_decode import bench_args  # benchmarks/ is on sys.path when run as a script
 
 
 def run(eng: Engine, prompts: list[list[int]], n: list[int]) -> list[list[int]]:
@@ -27,11 +29,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(p.parse_args().device)
-    args = ModelArgs(vocab_size=8192, dim=256, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, n_experts=8,
-                     top_k=1, expert_dim=512, dense_dim=1024, interleave_moe_layer_step=2, nope_layer_interval=4,
-                     attention_chunk_size=256, floor_scale=8192.0, max_seq_len=8192)
     torch.manual_seed(0)
-    model = Transformer(args)
+    model = Transformer(bench_args())
     model.init_weights()
     model = model.to(dev).eval()
     rng = random.Random(0)

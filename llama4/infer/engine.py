@@ -156,20 +156,19 @@ class Engine:
 
     # --- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self._stop and not self.waiting and self.running == 0:
-                        self._lock.wait()
-                    if self._stop:
-                        return
-                try:
-                    self.step()
-                except Exception as e:  # keep serving: fail the requests of this step, free their rows
-                    log.exception("engine step failed")
-                    for req in [r for r in self.rows if r is not None]:
-                        req.error = f"{type(e).__name__}: {e}"
-                        self._finish(req, "error")
+        while True:
+            with self._lock:
+                while not self._stop and not self.waiting and self.running == 0:
+                    self._lock.wait()
+                if self._stop:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # keep serving: fail the requests of this step, free their rows
+                log.exception("engine step failed")
+                for req in [r for r in self.rows if r is not None]:
+                    req.error = f"{type(e).__name__}: {e}"
+                    self._finish(req, "error")
 
     @torch.inference_mode()
     def step(self) -> None:
