@@ -10,8 +10,9 @@ every 2nd layer, vocab 8192, chunk 256), written once with ``llama4.save`` and r
 * decode: greedy tokens/s at batch 1 and 8 after a 512-token prompt, measured as
   (time of generate(N+1) - time of generate(1)) so prefill cancels; ours and HF alternate in one
   process and the best of ``--reps`` counts. Tokens are checked equal to HF's.
-* roofline: the bytes one batch-1 decode step must read (active weights + KV at that context)
-  over this machine's measured single-thread read bandwidth.
+* roofline: the bytes one decode step must read (the weights its tokens touch + their KV at that
+  context) over this machine's measured single-thread read bandwidth, per batch size: a batch-8
+  step reads more experts and 8 rows of KV, so its roofline is not 8x batch 1's.
 * prefill: time and peak RSS of generate(max_new_tokens=1) on 2k/8k/32k-token prompts, each in
   a fresh child process (peak RSS is per process), ours and HF alternating.
 """
@@ -61,16 +62,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def decode_step_bytes(args: ModelArgs, context: int, dtype_bytes: int = 4) -> int:
-    """What one batch-1 decode step must read: every weight a token touches (embedding: one
-    row; MoE: top-k routed experts + shared + router) plus the KV it attends to."""
-    active = count_params(args)["active"] - (args.vocab_size - 1) * args.dim
+def decode_step_bytes(args: ModelArgs, context: int, batch: int = 1, dtype_bytes: int = 4) -> int:
+    """What one decode step over ``batch`` rows must read: every weight the step touches
+    (embedding: one row per token; MoE: router, shared expert and the routed experts chosen by at
+    least one token, expected E * (1 - (1 - k/E)^batch) of E under uniform routing) plus the KV
+    each row attends to."""
+    c = count_params(args)
+    E, k = args.n_experts, args.top_k
+    routed = (c["total"] - c["active"]) * E // (E - k) if E > k else 0  # all routed expert weights
+    weights = c["active"] - (args.vocab_size - batch) * args.dim - routed * k // max(E, 1)
+    weights += round(routed * (1 - (1 - k / E) ** batch)) if E else 0
     kv = kv_bytes_per_token(args, dtype_bytes)
     per_slot = kv["all_layers"] // args.n_layers
     n_global = kv["global_layers"] // per_slot
     kv_read = kv["global_layers"] * context + per_slot * (args.n_layers - n_global) * min(
         context, args.attention_chunk_size or context)
-    return active * dtype_bytes + kv_read
+    return weights * dtype_bytes + batch * kv_read
 
 
 # --- decode ------------------------------------------------------------------------------------
@@ -187,10 +194,12 @@ def main():
           f"{args.interleave_moe_layer_step}nd layer, vocab {args.vocab_size}, chunk {args.attention_chunk_size}")
     bw = read_bandwidth()
     ctx = PROMPT + a.new // 2
-    step_bytes = decode_step_bytes(args, ctx)
-    roof = bw * 1e9 / step_bytes
-    print(f"read bandwidth {bw:.1f} GB/s (1 thread); a batch-1 decode step reads {step_bytes / 1e6:.1f} MB "
-          f"at context {ctx} -> roofline {roof:.0f} tokens/s")
+    roof = {}
+    for B in (1, 8):
+        step_bytes = decode_step_bytes(args, ctx, B)
+        roof[B] = B * bw * 1e9 / step_bytes
+        print(f"read bandwidth {bw:.1f} GB/s (1 thread); a batch-{B} decode step reads {step_bytes / 1e6:.1f} MB "
+              f"at context {ctx} -> roofline {roof[B]:.0f} tokens/s")
     with tempfile.TemporaryDirectory() as ckpt:
         torch.manual_seed(0)
         model = llama4.Transformer(args)
@@ -205,9 +214,13 @@ def main():
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             own1 = next(x["tok_s"] for x in rows if x["batch"] == 1 and x["impl"] == r["impl"])
-            roof_s = f"{100 * r['tok_s'] / roof:.0f}%" if r["batch"] == 1 else "-"
+            roof_s = f"{100 * r['tok_s'] / roof[r['batch']]:.0f}%"
             print(f"| {r['batch']} | {r['impl']} | {r['tok_s']:.0f} | {r['tok_s'] / hf1:.2f}x | "
                   f"{r['tok_s'] / own1:.2f}x | {roof_s} | {r['same_as_hf']} |")
+        for r in rows:
+            if r["batch"] == 1 and not r["impl"].startswith("HF"):
+                print(f"batch 8 at 4x {r['impl']} batch 1 = {4 * r['tok_s']:.0f} tokens/s = "
+                      f"{100 * 4 * r['tok_s'] / roof[8]:.0f}% of the batch-8 roofline")
         if a.prefill:
             print(f"\nprefill (generate with max_new_tokens=1), each run in a fresh process ({settings})")
             pre = bench_prefill(ckpt, a.prefill, a.threads)

@@ -41,8 +41,9 @@ class _Prefill:
 @dataclass
 class _Decode:
     n: int
-    full_idx: torch.Tensor  # (n, 1, 1, 1) write slot per row on global layers
-    ring_idx: torch.Tensor | None  # (n, 1, 1, 1) write slot per row on chunked layers
+    rows: torch.Tensor  # (n, 1): 0 .. n-1
+    full_idx: torch.Tensor  # (n, 1) write slot per row on global layers
+    ring_idx: torch.Tensor | None  # (n, 1) write slot per row on chunked layers
     full_keys: int  # keys exposed on global layers
     ring_keys: int
     full_mask: torch.Tensor | None  # (n, 1, 1, full_keys) or None: all visible
@@ -72,11 +73,13 @@ class _LayerCache:
         self.k[:, :, :keep] = k[:, :, :keep]
         self.v[:, :, :keep] = v[:, :, :keep]
 
-    def _write_decode(self, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
-        # k, v: (n, n_kv, 1, hd); idx: (n, 1, 1, 1) slot per row
-        idx = idx.expand(n, k.shape[1], 1, k.shape[3])
-        self.k[:n].scatter_(2, idx, k)
-        self.v[:n].scatter_(2, idx, v)
+    def _write_decode(self, rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v: (n, n_kv, 1, hd); rows, idx: (n, 1). An index_put_ on the whole buffer, not a
+        # scatter_ into the view k[:n]: compiled, the view's mutation made inductor copy the
+        # whole cache out and back per layer and step (measured: 4x the cache's bytes).
+        where = (rows, self.kv._heads, idx)
+        self.k.index_put_(where, k[:, :, 0])
+        self.v.index_put_(where, v[:, :, 0])
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
@@ -88,7 +91,7 @@ class FullLayerCache(_LayerCache):
     def update(self, k, v, positions):
         plan = self.kv._plan
         if isinstance(plan, _Decode):
-            self._write_decode(plan.full_idx, k, v, plan.n)
+            self._write_decode(plan.rows, plan.full_idx, k, v)
             S = plan.full_keys
             return self.k[:plan.n, :, :S], self.v[:plan.n, :, :S], plan.full_mask
         r0, r1, s, T = plan.r0, plan.r1, plan.start, plan.T
@@ -107,7 +110,7 @@ class ChunkedLayerCache(_LayerCache):
     def update(self, k, v, positions):
         plan = self.kv._plan
         if isinstance(plan, _Decode):
-            self._write_decode(plan.ring_idx, k, v, plan.n)
+            self._write_decode(plan.rows, plan.ring_idx, k, v)
             S = plan.ring_keys
             return self.k[:plan.n, :, :S], self.v[:plan.n, :, :S], plan.ring_mask
         r0, r1, s, T, C = plan.r0, plan.r1, plan.start, plan.T, self.chunk
@@ -158,6 +161,8 @@ class KVCache:
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
         self._plan: _Prefill | _Decode | None = None
         self._arange = torch.arange(capacity, device=self.device)
+        self._rows = torch.arange(max_batch, device=self.device).view(max_batch, 1)
+        self._heads = torch.arange(args.n_kv_heads, device=self.device).view(1, args.n_kv_heads)
 
     @classmethod
     def for_model(cls, model, max_batch: int, capacity: int, static: bool = False) -> "KVCache":
@@ -280,7 +285,7 @@ class KVCache:
         full_mask = None
         if self.static or not uniform:
             full_mask = (self._arange[:full_keys] <= pos.unsqueeze(1)).view(n, 1, 1, full_keys)
-        full_idx = torch.where(act, pos, full_cap).view(n, 1, 1, 1)
+        full_idx = torch.where(act, pos, full_cap).view(n, 1)
         ring_idx = ring_mask = None
         ring_keys = 0
         if ring is not None:
@@ -289,5 +294,5 @@ class KVCache:
             ring_keys = size if self.static else min(size, max(self.lengths[r] % C for r in rows) + 1)
             if self.static or not uniform:
                 ring_mask = (self._arange[:ring_keys] <= slot.unsqueeze(1)).view(n, 1, 1, ring_keys)
-            ring_idx = torch.where(act, slot, size).view(n, 1, 1, 1)
-        return _Decode(n, full_idx, ring_idx, full_keys, ring_keys, full_mask, ring_mask)
+            ring_idx = torch.where(act, slot, size).view(n, 1)
+        return _Decode(n, self._rows[:n], full_idx, ring_idx, full_keys, ring_keys, full_mask, ring_mask)
