@@ -194,12 +194,13 @@ def main():
           f"{args.interleave_moe_layer_step}nd layer, vocab {args.vocab_size}, chunk {args.attention_chunk_size}")
     bw = read_bandwidth()
     ctx = PROMPT + a.new // 2
+    print(f"read bandwidth {bw:.1f} GB/s (1 thread)")
     roof = {}
     for B in (1, 8):
         step_bytes = decode_step_bytes(args, ctx, B)
         roof[B] = B * bw * 1e9 / step_bytes
-        print(f"read bandwidth {bw:.1f} GB/s (1 thread); a batch-{B} decode step reads {step_bytes / 1e6:.1f} MB "
-              f"at context {ctx} -> roofline {roof[B]:.0f} tokens/s")
+        print(f"a batch-{B} decode step reads {step_bytes / 1e6:.1f} MB at context {ctx} "
+              f"-> roofline {roof[B]:.0f} tokens/s")
     with tempfile.TemporaryDirectory() as ckpt:
         torch.manual_seed(0)
         model = llama4.Transformer(args)

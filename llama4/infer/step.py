@@ -58,7 +58,8 @@ def _small_mm(a: torch.Tensor, b: torch.Tensor):
 
 
 def _small_bmm(a: torch.Tensor, b: torch.Tensor):
-    # (B, M, K) @ (B, K, N), K contiguous in b: attention scores, the gathered experts' weights
+    # (B, M, K) @ (B, K, N), K contiguous in b: the gathered experts' weights (attention does not
+    # get here: SDPA reaches inductor as the CPU flash-attention op)
     if a.device.type == "cpu" and a.shape[1] <= SMALL_ROWS and b.stride(1) == 1:
         return (a.unsqueeze(2) * b.transpose(1, 2).unsqueeze(1)).sum(-1)
     return NotImplemented
