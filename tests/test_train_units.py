@@ -188,3 +188,22 @@ def test_flops_per_token_counts_active_weights_and_attention():
     moe_layer_extra = 2 * (3 * 16 * 8 + 16 * 4) - 3 * 16 * 16  # 2 MoE layers: 1 routed + shared + router vs dense
     assert f["matmul"] == 6 * (dense_active + moe_layer_extra - 64 * 16)
     assert f["attention"] == 3 * 4 * 2 * 8 * (3 * 2.5 + 4.5)  # three chunked layers, one NoPE layer
+
+
+def test_language_id_names_held_out_text():
+    """The identifier behind the run report's "detected as the prompted language" count, on
+    validation text it was not fitted on. Measured: 130 of 171 documents right (76%), at least 4 of
+    11 in every language; its misses are help pages dominated by untranslated English UI strings
+    and code (vie, jpn, kor), which it calls English. A broken identifier would score about 1/14."""
+    from llama4.data.corpus import iter_corpus
+    from llama4.train.evaluate import LanguageID
+
+    lid = LanguageID()
+    right = total = 0
+    for lang in lid.langs:
+        docs = [d.text[:300] for d in iter_corpus("val", langs=(lang,)) if len(d.text) >= 300]
+        hits = sum(lid(t) == lang for t in docs)
+        assert hits >= len(docs) / 3, (lang, hits, len(docs))
+        right, total = right + hits, total + len(docs)
+    assert right / total >= 0.7, (right, total)
+    assert lid("") == "?"

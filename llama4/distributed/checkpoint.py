@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
 from llama4.model import ModelArgs, MoE, Transformer
@@ -65,8 +65,7 @@ def _plain_model(model) -> Transformer:
 
 
 def _moe_buffers(model) -> dict[str, MoE]:
-    return {name.replace("._checkpoint_wrapped_module", ""): m
-            for name, m in model.named_modules() if isinstance(m, MoE)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
 
 
 def rng_state() -> bytes:

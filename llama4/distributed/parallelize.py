@@ -17,17 +17,18 @@ Nothing here edits `llama4.model`: plans address modules by their names (``atten
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Iterable
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils.checkpoint import checkpoint
 
 from llama4.distributed.expert_parallel import ExpertParallelExperts
 from llama4.distributed.mesh import ParallelDims
@@ -78,9 +79,18 @@ def apply_ep(model: Transformer, ep_mesh) -> None:
 
 
 def apply_ac(model: Transformer) -> None:
-    """Recompute each block's activations in backward (only the block inputs are kept)."""
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    """Recompute each block's activations in backward (only the block inputs are kept).
+
+    The project's one activation checkpointing: ``llama4 train --activation-checkpointing`` (one
+    process or ``--dp N``) and ``ParallelConfig.activation_checkpoint`` both come here. The
+    block's forward is wrapped on the instance rather than in a wrapper module, so parameter
+    names stay the plain model's (state dicts, checkpoints, MetaP's name-keyed LR groups) and
+    TP plans, FSDP2 and ``torch.compile`` see the block itself. The model has no random ops, so
+    the RNG state is not stashed for the recomputation. Applying it twice changes nothing."""
+    for block in model.layers:
+        if isinstance(block.forward, functools.partial) and block.forward.func is checkpoint:
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
 
 
 def apply_fsdp(model: Transformer, dims: ParallelDims) -> None:
@@ -88,8 +98,7 @@ def apply_fsdp(model: Transformer, dims: ParallelDims) -> None:
     mp = MixedPrecisionPolicy(param_dtype=cfg.dtype("param_dtype"), reduce_dtype=cfg.dtype("reduce_dtype"))
     common = dict(mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     for block in model.layers:
-        inner = getattr(block, "_checkpoint_wrapped_module", block)
-        ffn = inner.feed_forward
+        ffn = block.feed_forward
         if isinstance(ffn, MoE) and isinstance(ffn.experts, ExpertParallelExperts):
             fully_shard(ffn.experts, mesh=dims.edp_mesh, **common)
             # The all-to-all backward already summed the ep peers' token gradients into each

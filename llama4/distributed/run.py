@@ -43,7 +43,7 @@ class DistributedRun:
 
     # ---- the seams ----------------------------------------------------------------------------
     def runtime(self):
-        from llama4.train.trainer import Runtime
+        from llama4.train.run import Runtime
 
         d = self.dims
         return Runtime(d.device, rank=d.data_rank, world_size=d.data_size, global_rank=d.rank, dist=self)
@@ -137,9 +137,9 @@ class DistributedRun:
             dist.destroy_process_group()
 
 
-def train_distributed(cfg, out, resume: bool = False, parallel: ParallelConfig | None = None) -> dict:
-    """`llama4.train.train` on this process's share of a torchrun job (any world size, 1 included)."""
-    from llama4.train.trainer import pick_autocast, train
+def distributed_run(cfg, parallel: ParallelConfig | None = None) -> DistributedRun:
+    """The `DistributedRun` that `llama4 train` under torchrun builds for ``cfg`` on this process."""
+    from llama4.train.run import pick_autocast
 
     parallel = parallel or ParallelConfig()
     if cfg.device == "auto":
@@ -149,14 +149,22 @@ def train_distributed(cfg, out, resume: bool = False, parallel: ParallelConfig |
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     _, compute = pick_autocast(cfg, device)
-    # FSDP2 mixed precision follows the loop's compute dtype; the loop wraps blocks for
-    # activation checkpointing itself (cfg.activation_checkpointing), so it is not applied twice.
+    # FSDP2 mixed precision follows the loop's compute dtype. Activation checkpointing is the
+    # loop's to apply (cfg.activation_checkpointing, with the same `parallelize.apply_ac`), before
+    # this room's hook, so the layout leaves it off.
     parallel = dataclasses.replace(parallel, param_dtype="bfloat16" if compute == "bfloat16" else "float32",
                                    activation_checkpoint=False)
-    run = DistributedRun(parallel, device)
+    return DistributedRun(parallel, device)
+
+
+def train_distributed(cfg, out, resume: bool = False, parallel: ParallelConfig | None = None) -> dict:
+    """`llama4.train.train` on this process's share of a torchrun job (any world size, 1 included)."""
+    from llama4.train.trainer import train
+
+    run = distributed_run(cfg, parallel)
     try:
         if run.dims.is_main:
-            print(f"distributed: {dist.get_world_size()} ranks on {device.type} ({dist.get_backend()}), "
+            print(f"distributed: {dist.get_world_size()} ranks on {run.dims.device.type} ({dist.get_backend()}), "
                   f"{run.cfg.describe()}", flush=True)
         return train(cfg, out, resume=resume, parallelize=run.parallelize, runtime=run.runtime())
     finally:

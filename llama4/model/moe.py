@@ -48,13 +48,19 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         # x: (M, D) rows sorted by expert; counts: (E,) rows per expert -> (M, D)
-        if impl == "grouped" and _grouped_mm_ok(x, self.w1) and _grouped_mm_ok(x, self.w2):
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_autocast_enabled(x.device.type):
+            # grouped_mm is on none of autocast's op lists: cast its operands as autocast casts a
+            # matmul's (else the routed experts would run in fp32 under bf16 autocast)
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2, w3 = x.to(dt), w1.to(dt), w2.to(dt), w3.to(dt)
+        if impl == "grouped" and _grouped_mm_ok(x, w1) and _grouped_mm_ok(x, w2):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            h = F.silu(_grouped_mm(x, self.w1, offs=offs)) * _grouped_mm(x, self.w3, offs=offs)
-            return _grouped_mm(h, self.w2, offs=offs)
+            h = F.silu(_grouped_mm(x, w1, offs=offs)) * _grouped_mm(x, w3, offs=offs)
+            return _grouped_mm(h, w2, offs=offs)
         outs = []
         for e, xe in enumerate(x.split(counts.tolist())):
-            outs.append((F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])) @ self.w2[e])
+            outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
