@@ -46,3 +46,22 @@ def test_relayout_keeps_the_model_and_its_checkpoint(tmp_path):
             torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
     llama4.save(m, tmp_path)
     torch.testing.assert_close(llama4.load(tmp_path)(x), before["loop"], atol=1e-5, rtol=1e-5)
+
+
+def test_guard_skipping_needs_a_static_cache_and_the_cache_needs_a_plan():
+    """A compiled step skips Dynamo's guards once warm, which is only safe when nothing its graph
+    specializes on can change under one signature: a dynamic cache's key count does, every step."""
+    from llama4.infer import DecodeStep, KVCache
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, n_experts=4,
+                     top_k=1, expert_dim=24, dense_dim=48, interleave_moe_layer_step=2, attention_chunk_size=4)
+    torch.manual_seed(0)
+    m = Transformer(args).eval()
+    m.init_weights(std=0.5)
+    cache = KVCache.for_model(m, 1, 16)
+    cache.prefill(m, torch.tensor([[1, 2, 3]]), 0)
+    cache.set_decoding(0, True)
+    with torch.no_grad(), pytest.raises(ValueError, match="static=True"):
+        cache.decode(DecodeStep(m, compile=True), torch.tensor([[4]]))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="through KVCache.prefill or KVCache.decode"):
+        m(torch.tensor([[4]]), positions=torch.tensor([3]), cache=cache)  # no write plan: refused

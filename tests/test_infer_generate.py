@@ -10,11 +10,13 @@ import math
 import pytest
 import torch
 
+from oracles import require
+
 import llama4
 from llama4.infer import generate, generate_stream
 from llama4.infer.generate import full_forward_greedy
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 from transformers import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
 
 VOCAB = 512

@@ -2,7 +2,9 @@
 
 Oracle: the model's own full forward (chunk rule folded into the batch, NoPE layers causal) on the
 whole sequence. Tiny chunk (8) and floor_scale (4) make every test cross many chunk boundaries and
-many temperature-tuning steps; O(1)-scale weights make every component move the logits.
+many temperature-tuning steps; O(1)-scale weights make every component move the logits. That the
+chunk rule matters when decoding, and that Meta's reference decodes without it, is shown with
+Meta's own model in tests/test_parity_meta.py (test_meta_decode_ignores_the_chunk_rule).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from llama4.infer import KVCache
 from llama4.infer.masks import PieceMask
 from llama4.model import ModelArgs, Transformer
 
-TOL = 1e-4
+TOL = 3e-5  # README: decode equals the no-cache forward to <= 3.4e-6 (measured 3.8e-6, 1 thread); 10x fails
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,41 +97,6 @@ def test_incremental_decode_equals_full_forward(model, piece, prefill_len):
             diffs.append((logits[0] - ref[t]).abs().max().item())
     assert max(diffs) <= TOL, diffs
     assert ref.abs().max() > 1.0  # O(1) logits, so the tolerance means something
-
-
-def test_meta_style_decode_that_ignores_chunks_would_fail_this_oracle(model):
-    """Meta's reference decodes with no mask, so chunked layers see the whole cache. Reproduce
-    that and check the oracle above catches it once decoding crosses a chunk boundary."""
-
-    class WholeHistory:  # Meta's behaviour: chunked prefill, unchunked single-token decode
-        def __init__(self, chunk):
-            self.k = self.v = None
-            self.chunk = chunk
-
-        def update(self, k, v, positions):
-            T = k.shape[2]
-            self.k = k if self.k is None else torch.cat([self.k, k], 2)
-            self.v = v if self.v is None else torch.cat([self.v, v], 2)
-            if T == 1:
-                return self.k, self.v, None
-            i = torch.arange(T).unsqueeze(1)
-            j = torch.arange(T).unsqueeze(0)
-            mask = j <= i
-            if self.chunk is not None:
-                mask &= (j // self.chunk) == (i // self.chunk)
-            return self.k, self.v, mask
-
-    seq = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
-    chunks = [layer.attention.chunk_size for layer in model.layers]
-    with torch.no_grad():
-        ref = model(seq)[0]
-        cache = [WholeHistory(c) for c in chunks]
-        model(seq[:, :6], positions=torch.arange(6), cache=cache)
-        diffs = []
-        for t in range(6, 24):
-            diffs.append((model(seq[:, t:t + 1], positions=torch.tensor([t]), cache=cache)[0, -1] - ref[t]).abs().max())
-    assert max(diffs[:2]) <= TOL  # positions 6, 7: still in the first chunk, both agree
-    assert min(diffs[2:]) > 1e-2  # from position 8 on, attending to the old chunk is wrong
 
 
 def test_batched_rows_at_different_positions_equal_each_alone(model):

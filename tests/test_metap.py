@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from oracles import require
 
 import llama4
 from llama4.checkpoint import CheckpointError
@@ -52,7 +55,7 @@ def test_lr_wd_and_init_follow_mup_for_every_hidden_and_vector_parameter():
     """mup.MuAdamW's groups on the same modules: hidden matrices lr/m and wd*m, vector-like
     (embedding, norms, output head) unchanged. Every width-like dimension scales together, since
     mup reads the fan-in from the last dim (nn.Linear's layout; our stacked experts are x @ W)."""
-    mup = pytest.importorskip("mup")
+    mup = require("mup")
     base, delta, target = (Transformer(proxy_args(w)) for w in (32, 64, 128))
     # mup's own check agrees the router is a readout (width fan-in, expert-count fan-out)
     with pytest.raises(AssertionError, match="router has infinite fan-in and finite fan-out"):
@@ -129,7 +132,7 @@ def test_metap_model_exports_to_a_checkpoint_transformers_runs(tmp_path):
     """Wider and deeper than the base, so every forward multiplier is active, then weights moved
     off their init so each multiplier matters: the folded export gives the same logits in
     llama4.load and in transformers."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     plan = plan_for(128, depth=4, output_mult=4.0, embed_mult=2.0)
     args = plan.model_args()
     assert args.residual_mult == 0.5 and args.logit_mult == 1.0 and args.embed_mult == 2.0
@@ -291,14 +294,29 @@ def test_coord_check_command_writes_json_and_png(tmp_path):
 
 
 def test_the_shipped_reference_sweep_passes_and_predicts_out_of_the_box(tmp_path):
-    """The README's sweep ships with the package: its checks hold and `predict` needs no --sweep."""
-    from llama4.metap.predict import REFERENCE_SWEEP
+    """The README's sweep ships with the package: its verdicts hold when recomputed from its runs,
+    the stored summaries are exactly what the project's code makes of those runs (so they cannot
+    drift), and `predict` needs no --sweep."""
+    from llama4.metap.predict import REFERENCE_SWEEP, validate
+    from llama4.metap.sweep import sweep
 
-    s = json.loads((REFERENCE_SWEEP / "summary.json").read_text())
+    # `llama4 metap sweep` and `llama4 metap validate` on a copy of the shipped runs.jsonl: every run
+    # is already there, so nothing trains; they only re-summarize (and say nothing about runs to do).
+    said: list[str] = []
+    (tmp_path / "sweep").mkdir()
+    shutil.copy(REFERENCE_SWEEP / "runs.jsonl", tmp_path / "sweep" / "runs.jsonl")
+    s = sweep(tmp_path / "sweep", workers=1, say=said.append)
+    held = validate(tmp_path / "sweep", workers=1, say=said.append)
+    assert not [t for t in said if "runs to do" in t], said
     c = s["checks"]
     assert c["pass"] and c["metap_lr_shift"] < 2 and c["standard_lr_shift"] >= 2 and c["metap_wider_never_worse"]
-    held = json.loads((REFERENCE_SWEEP / "heldout.json").read_text())
-    assert held["width"] >= 2 * max(held["proxy_widths"]) and held["gap_to_best"] <= 0.01
+    assert held["pass"] and held["width"] >= 2 * max(held["proxy_widths"]) and held["gap_to_best"] <= 0.01
+
+    def without_wall_time(d):
+        return {k: v for k, v in d.items() if k != "wall_s"}
+
+    assert without_wall_time(s) == without_wall_time(json.loads((REFERENCE_SWEEP / "summary.json").read_text()))
+    assert without_wall_time(held) == without_wall_time(json.loads((REFERENCE_SWEEP / "heldout.json").read_text()))
     p = subprocess.run([sys.executable, "-m", "llama4", "metap", "predict", "--target", "scout",
                         "--tokens", str(40 * 10 ** 12)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr

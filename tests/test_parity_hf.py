@@ -3,7 +3,7 @@
 Random tiny checkpoints are built with `Llama4ForCausalLM` / `Llama4ForConditionalGeneration`,
 every weight re-drawn at O(1) scale (std 1/sqrt(fan_in), norms in [0.5, 1.5]) so each component
 moves the logits, saved with `save_pretrained`, loaded with `llama4.load`, and the float32 logits
-compared (max abs diff <= 1e-4), for both MoE paths. Each config also checks that the features
+compared (max abs diff <= 2e-5), for both MoE paths. Each config also checks that the features
 it claims to cover actually change its logits (so a silently skipped feature cannot pass).
 """
 
@@ -14,13 +14,15 @@ import math
 import pytest
 import torch
 
+from oracles import require
+
 import llama4
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 from transformers import (Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGeneration,  # noqa: E402
                           Llama4TextConfig, Llama4VisionConfig)
 
-TOL = 1e-4
+TOL = 2e-5  # measured 1.8e-6 to 3.9e-6 (1 thread; the README table): 10x any of them fails
 VOCAB = 512
 
 BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=16,

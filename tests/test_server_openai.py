@@ -9,25 +9,21 @@ The model directory is a tiny random checkpoint saved with ``llama4.save`` plus 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-import llama4
 from llama4.infer import generate
 from llama4.infer.engine import Engine, EngineConfig
 from llama4.infer.model_dir import load_model_dir
-from llama4.model import ModelArgs, Transformer
 from llama4.tokenizer.chat_format import encode_dialog_prompt
-from llama4.tokenizer.files import write_tiktoken_bpe
+from oracles import require
+from serving import serving, write_tiny_model_dir
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+openai = require("openai")
+httpx = require("httpx")
+uvicorn = require("uvicorn")
 
 KEY = "test-key"
 MAX_CONTEXT = 384
@@ -36,44 +32,17 @@ MAX_CONTEXT = 384
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models") / "tiny-chat"
-    args = ModelArgs(vocab_size=2304, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4,
-                     top_k=1, expert_dim=64, dense_dim=128, interleave_moe_layer_step=2, nope_layer_interval=2,
-                     attention_chunk_size=16, floor_scale=8.0, max_seq_len=4096)
-    torch.manual_seed(0)
-    m = Transformer(args)
-    m.init_weights(std=0.3)
-    llama4.save(m, d)
-    write_tiktoken_bpe(d / "tokenizer.model", {bytes([b]): b for b in range(256)})
-    return d
+    return write_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-chat")
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    from llama4.server import create_app
-
     model, tok, name = load_model_dir(model_dir)
     engine = Engine(model, EngineConfig(max_batch=8, max_context=MAX_CONTEXT, prefill_chunk=64))
-    app = create_app(engine, tok, name, api_key=KEY, default_max_tokens=16)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline and th.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield dict(url=f"http://127.0.0.1:{port}", name=name, model=model, tok=tok, engine=engine)
-    srv.should_exit = True
-    th.join(timeout=30)
+    with serving(engine, tok, name, api_key=KEY, default_max_tokens=16) as url:
+        yield dict(url=url, name=name, model=model, tok=tok, engine=engine)
 
 
 @pytest.fixture
@@ -166,8 +135,7 @@ def test_sampling_params_reach_the_engine(server, client):
     g = client.chat.completions.create(model=name, messages=msgs, max_tokens=10, temperature=0)
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.choices[0].message.content != g.choices[0].message.content
-    r = client.chat.completions.create(model=name, messages=msgs, max_tokens=10, temperature=1.0, n=3, seed=1)
-    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    # n > 1 (distinct, reproducible samples by index): test_server_guards.py
 
 
 @pytest.mark.slow
@@ -214,7 +182,10 @@ BAD = [
     ("too many stops", dict(model="tiny-chat", messages=user("hi"), stop=list("abcde")), 400, None),
     ("image input", dict(model="tiny-chat", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), 400, "unsupported_content"),
-    ("logprobs", dict(model="tiny-chat", messages=user("hi"), logprobs=True), 400, "unsupported_parameter"),
+    ("top_logprobs above 20", dict(model="tiny-chat", messages=user("hi"), logprobs=True, top_logprobs=21), 400,
+     "integer_above_max_value"),
+    ("top_logprobs without logprobs", dict(model="tiny-chat", messages=user("hi"), top_logprobs=2), 400,
+     "invalid_value"),
 ]
 
 
@@ -236,7 +207,7 @@ def test_bad_completions_input(server):
     url = server["url"] + "/v1/completions"
     for body, code in [(dict(model="tiny-chat", prompt=[1, 99999]), "invalid_value"),
                        (dict(model="tiny-chat", prompt="x" * 500), "context_length_exceeded"),
-                       (dict(model="tiny-chat", prompt="hi", echo=True), "unsupported_parameter"),
+                       (dict(model="tiny-chat", prompt="hi", echo=True, stream=True), "unsupported_parameter"),
                        (dict(model="tiny-chat", prompt=[]), "invalid_value")]:
         r = httpx.post(url, json=body, headers=headers, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
+from oracles import require
+
+require("sklearn")
 
 import llama4  # noqa: E402
 from llama4.model import MultimodalTransformer  # noqa: E402

@@ -2,7 +2,7 @@
 
 A random tiny multimodal checkpoint (every weight redrawn at O(1) scale so each component moves the
 logits) is saved with `save_pretrained` and loaded with `llama4.load`; a batch holding several images
-of several tiles each (laid out by our chat format) must give the same float32 logits within 1e-4.
+of several tiles each (laid out by our chat format) must give the same float32 logits within 2e-5.
 transformers 5.24's multimodal forward reads a missing attribute (LLAMA4.md quirk 13); the oracle
 gets a class attribute patched in, our code needs nothing of the kind.
 """
@@ -15,18 +15,20 @@ import math
 import pytest
 import torch
 
+from oracles import require
+
 import llama4
 from llama4.model import MultimodalTransformer, Transformer
 from llama4.model.vision import pixel_shuffle
 from llama4.tokenizer import Tokenizer
 from llama4.tokenizer.chat_format import encode_image_tokens
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 from transformers import (Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig,  # noqa: E402
                           Llama4VisionConfig)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast  # noqa: E402
 
-TOL = 1e-4
+TOL = 2e-5  # measured 3.8e-6 (1 thread; the README table): 10x fails
 TOK = Tokenizer.from_ranks({bytes([i]): i for i in range(256)})  # 256 bytes + the 2,048 specials
 PATCH = TOK.special_tokens["<|patch|>"]
 TEXT = dict(vocab_size=TOK.n_words, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=16,

@@ -25,13 +25,15 @@ import numpy as np
 import pytest
 import torch
 
+from oracles import require
+
 from llama4.vision import preprocess
 from llama4.vision.preprocess import best_fit, supported_canvases
 
-Image = pytest.importorskip("PIL.Image")
-skdata = pytest.importorskip("skimage.data")
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
-pytest.importorskip("transformers")
+Image = require("PIL.Image")
+skdata = require("skimage.data")
+sklearn_datasets = require("sklearn.datasets")
+require("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
 

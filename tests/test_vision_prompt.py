@@ -8,20 +8,23 @@ from __future__ import annotations
 import base64
 import io
 import re
-import struct
-import zlib
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from crafted_png import bilevel_png
+from oracles import require
+
 from llama4.tokenizer import load_tokenizer
 from llama4.tokenizer.chat_format import encode_dialog_prompt
 from llama4.vision import ImageError, load_image, preprocess
+from llama4.vision.preprocess import MAX_PIXELS
 from llama4.vision.prompt import ImageSpec, encode_prompt
 
-Image = pytest.importorskip("PIL.Image")
-skdata = pytest.importorskip("skimage.data")
+Image = require("PIL.Image")
+skdata = require("skimage.data")
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +94,12 @@ def test_small_vision_spec_changes_tokens_per_tile(tok):
 # --------------------------------------------------------------------------------------------
 # bad input: a clear ImageError, never a crash
 
-def _crafted_png(width: int, height: int) -> bytes:
-    """A valid-looking PNG header declaring width x height, with a few bytes of data."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("name,data,match", [
     ("text", b"hello, I am not an image", "not an image"),
     ("empty", b"", "not an image"),
-    ("bomb", _crafted_png(40000, 40000), "exceeds the limit|too many pixels"),
-    ("huge bomb", _crafted_png(100000, 100000), "exceeds the limit|too many pixels"),
+    # beyond 2x Pillow's limit, where Pillow's own DecompressionBombError would refuse it too
+    ("bomb", bilevel_png(40000, 40000, complete=False), "exceeds the limit|too many pixels"),
+    ("huge bomb", bilevel_png(100000, 100000, complete=False), "exceeds the limit|too many pixels"),
 ])
 def test_bad_bytes(name, data, match):
     with pytest.raises(ImageError, match=match):
@@ -137,6 +133,27 @@ def test_truncated_is_an_error_even_when_pillow_is_lenient():
             preprocess(buf.getvalue()[:5000])
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def test_pixel_cap_refuses_what_pillow_only_warns_about():
+    """Between Pillow's limit and twice it, Pillow only warns and decodes; only our cap refuses.
+    The image is complete and valid (a black 1-bit PNG, 12 KB), so nothing else could refuse it."""
+    assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS == 89_478_485  # the README's 89.5 megapixels
+    w = h = 10_000
+    assert MAX_PIXELS < w * h < 2 * Image.MAX_IMAGE_PIXELS
+    data = bilevel_png(w, h)
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow alone: a warning, then the pixels
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    assert im.size == (w, h) and im.getextrema() == (0, 0)
+    del im
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with pytest.raises(ImageError, match="10000x10000 = 100,000,000 pixels exceeds the limit of 89,478,485"):
+            preprocess(data)
+        with pytest.raises(ImageError, match="exceeds the limit of 89,478,485"):
+            load_image(io.BytesIO(data))
+    assert preprocess(bilevel_png(64, 64)).grid == (1, 1)  # the same kind of file, small: accepted
 
 
 def test_pixel_cap_is_configurable_and_checked_before_decoding():

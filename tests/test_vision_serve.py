@@ -13,38 +13,29 @@ import base64
 import io
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
+from crafted_png import bilevel_png
+from oracles import require
+from serving import serving, write_tiny_model_dir
+
 import llama4
 from llama4.infer.engine import Engine, EngineConfig
 from llama4.infer.generate import full_forward_greedy
 from llama4.infer.model_dir import load_model_dir
-from llama4.model import ModelArgs, MultimodalTransformer, vision_flavor
-from llama4.tokenizer.files import write_tiktoken_bpe
 from llama4.vision.prompt import ImageSpec, encode_prompt
 
-Image = pytest.importorskip("PIL.Image")
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+Image = require("PIL.Image")
+openai = require("openai")
+uvicorn = require("uvicorn")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mm") / "tiny-vlm"
-    args = ModelArgs(vocab_size=2304, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4,
-                     top_k=1, expert_dim=64, dense_dim=128, interleave_moe_layer_step=2, nope_layer_interval=2,
-                     attention_chunk_size=16, floor_scale=8.0, max_seq_len=4096)
-    torch.manual_seed(0)
-    m = MultimodalTransformer(args, vision_flavor("debug"), image_token_id=256 + 92)
-    m.init_weights(std=0.3)
-    llama4.save(m, d)
-    write_tiktoken_bpe(d / "tokenizer.model", {bytes([b]): b for b in range(256)})
-    return d
+    return write_tiny_model_dir(tmp_path_factory.mktemp("mm") / "tiny-vlm", multimodal=True)
 
 
 def photo(seed: int, h: int, w: int) -> "Image.Image":
@@ -104,80 +95,54 @@ def test_cli_generate_with_image(model_dir, tmp_path):
     assert r.returncode == 2 and "cannot decode the image" in r.stderr and "Traceback" not in r.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_accepts_data_url_images_and_rejects_bad_ones(model_dir):
-    from llama4.server import create_app
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tok, name = load_model_dir(model_dir)
     engine = Engine(model, EngineConfig(max_batch=4, max_context=512, prefill_chunk=16))
-    app = create_app(engine, tok, name, default_max_tokens=8)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
     try:
-        deadline = time.monotonic() + 60
-        while not srv.started:
-            assert time.monotonic() < deadline and th.is_alive(), "server did not start"
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        im = photo(4, 60, 30)
-        r = client.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(im, "JPEG")}},
-                                         {"type": "text", "text": "What is it?"}]}])
-        # the same as generating locally from the same prompt and tiles
-        from PIL import Image as PILImage
-        local = PILImage.open(io.BytesIO(base64.b64decode(data_url(im, "JPEG").split(",", 1)[1])))
-        p = encode_prompt(tok, user({"type": "image", "image": local}, {"type": "text", "text": "What is it?"}),
-                          ImageSpec.for_model(model))
-        want = llama4.generate(model, p.ids, 8, pixel_values=p.pixel_values, stop=tok.stop_tokens)
-        assert r.choices[0].message.content == tok.decode([t for t in want if t not in tok.stop_tokens])
-        assert r.usage.prompt_tokens == len(p.ids)
-
-        png = data_url(im)
-        bomb = "data:image/png;base64," + base64.b64encode(_bomb_png()).decode()
-        cases = {
-            "not an image": "data:image/png;base64," + base64.b64encode(b"plain text, not pixels").decode(),
-            "truncated": png[: len(png) // 2],
-            "decompression bomb": bomb,
-            "remote URL": "http://127.0.0.1:9/cat.png",
-            "bad base64": "data:image/png;base64,***",
-        }
-        for why, url in cases.items():
-            with pytest.raises(openai.BadRequestError) as e:
-                client.chat.completions.create(model=name, max_tokens=4, messages=[
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                 {"type": "text", "text": "hi"}]}])
-            assert e.value.status_code == 400 and "image" in e.value.message, (why, e.value.message)
-        with pytest.raises(openai.BadRequestError, match="too many images"):
-            client.chat.completions.create(model=name, max_tokens=4, messages=[
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}] * 9}])
-        # and it still serves
-        r2 = client.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(im, "JPEG")}},
-                                         {"type": "text", "text": "What is it?"}]}])
-        assert r2.choices[0].message.content == r.choices[0].message.content
+        with serving(engine, tok, name, default_max_tokens=8) as url:
+            _serve_images(openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0), name, model, tok)
     finally:
-        srv.should_exit = True
-        th.join(timeout=30)
         engine.shutdown()
         torch.set_num_threads(n)
 
 
-def _bomb_png() -> bytes:
-    import struct
-    import zlib
+def _serve_images(client, name, model, tok):
+    im = photo(4, 60, 30)
+    r = client.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(im, "JPEG")}},
+                                     {"type": "text", "text": "What is it?"}]}])
+    # the same as generating locally from the same prompt and tiles
+    from PIL import Image as PILImage
+    local = PILImage.open(io.BytesIO(base64.b64decode(data_url(im, "JPEG").split(",", 1)[1])))
+    p = encode_prompt(tok, user({"type": "image", "image": local}, {"type": "text", "text": "What is it?"}),
+                      ImageSpec.for_model(model))
+    want = llama4.generate(model, p.ids, 8, pixel_values=p.pixel_values, stop=tok.stop_tokens)
+    assert r.choices[0].message.content == tok.decode([t for t in want if t not in tok.stop_tokens])
+    assert r.usage.prompt_tokens == len(p.ids)
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    png = data_url(im)
+    bomb = "data:image/png;base64," + base64.b64encode(bilevel_png(30000, 30000, complete=False)).decode()
+    cases = {
+        "not an image": "data:image/png;base64," + base64.b64encode(b"plain text, not pixels").decode(),
+        "truncated": png[: len(png) // 2],
+        "decompression bomb": bomb,
+        "remote URL": "http://127.0.0.1:9/cat.png",
+        "bad base64": "data:image/png;base64,***",
+    }
+    for why, url in cases.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=name, max_tokens=4, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "hi"}]}])
+        assert e.value.status_code == 400 and "image" in e.value.message, (why, e.value.message)
+    with pytest.raises(openai.BadRequestError, match="too many images"):
+        client.chat.completions.create(model=name, max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}] * 9}])
+    # and it still serves
+    r2 = client.chat.completions.create(model=name, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(im, "JPEG")}},
+                                     {"type": "text", "text": "What is it?"}]}])
+    assert r2.choices[0].message.content == r.choices[0].message.content
+

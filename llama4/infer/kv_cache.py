@@ -3,10 +3,12 @@ global (NoPE) layers.
 
 One :class:`KVCache` serves a batch of ``max_batch`` sequence slots ("rows"). Each row has its
 own length, so rows hold unrelated requests that join and leave between decode steps. The model
-calls ``cache[i].update(k, v, positions)`` (the ``LayerKVCache`` protocol of
-``llama4.model.attention``); what to write where is decided on the host beforehand by
-:meth:`KVCache.prefill` / :meth:`KVCache.decode`, from lengths the host already knows, so the
-decode step never reads a device value back.
+calls ``cache[i].update(k, v)`` (the ``LayerKVCache`` protocol of ``llama4.model.attention``).
+What to write where is decided on the host beforehand: :meth:`KVCache.prefill` /
+:meth:`KVCache.decode` compute a plan (``_Prefill`` / ``_Decode``) from lengths the host already
+knows, so the decode step never reads a device value back, and hold it in ``KVCache.plan`` for
+the duration of that one model call. Each layer's ``update`` is ``write(k, v, plan)`` with that
+plan: the plan, not the positions the model was called with, says where keys go.
 
 Chunked layer (chunk C): a query at position p sees the keys of its own chunk up to p, i.e. at most
 C-1 earlier keys. Position p lives in ring slot ``p % C``; because chunks start at multiples of C,
@@ -51,6 +53,9 @@ class _Decode:
 
 
 class _LayerCache:
+    """One layer's keys and values for every row (``write`` puts a forward's new ones where its plan
+    says and returns what the queries see)."""
+
     def __init__(self, kv: "KVCache", size: int):
         self.kv = kv
         shape = (kv.max_batch, kv.n_kv_heads, size + 1, kv.head_dim)  # +1: the scratch slot
@@ -73,6 +78,17 @@ class _LayerCache:
         self.k[:, :, :keep] = k[:, :, :keep]
         self.v[:, :, :keep] = v[:, :, :keep]
 
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """The model's hook (``LayerKVCache``): write with the plan of the model call in progress."""
+        plan = self.kv.plan
+        if plan is None:
+            raise RuntimeError("KVCache: call the model through KVCache.prefill or KVCache.decode, "
+                               "which plan its writes")
+        return self.write(k, v, plan)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, plan: "_Prefill | _Decode"):
+        raise NotImplementedError
+
     def _write_decode(self, rows: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: (n, n_kv, 1, hd); rows, idx: (n, 1). An index_put_ on the whole buffer, not a
         # scatter_ into the view k[:n]: compiled, the view's mutation made inductor copy the
@@ -88,8 +104,7 @@ class _LayerCache:
 class FullLayerCache(_LayerCache):
     """Global (NoPE) layer: the whole history, slot = position."""
 
-    def update(self, k, v, positions):
-        plan = self.kv._plan
+    def write(self, k, v, plan):
         if isinstance(plan, _Decode):
             self._write_decode(plan.rows, plan.full_idx, k, v)
             S = plan.full_keys
@@ -107,8 +122,7 @@ class ChunkedLayerCache(_LayerCache):
         super().__init__(kv, size)
         self.chunk = chunk
 
-    def update(self, k, v, positions):
-        plan = self.kv._plan
+    def write(self, k, v, plan):
         if isinstance(plan, _Decode):
             self._write_decode(plan.rows, plan.ring_idx, k, v)
             S = plan.ring_keys
@@ -159,7 +173,7 @@ class KVCache:
         self.decoding = [False] * max_batch  # rows taking part in decode steps (host)
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # next position
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
-        self._plan: _Prefill | _Decode | None = None
+        self.plan: _Prefill | _Decode | None = None  # of the model call in progress (prefill, decode)
         self._arange = torch.arange(capacity, device=self.device)
         self._rows = torch.arange(max_batch, device=self.device).view(max_batch, 1)
         self._heads = torch.arange(args.n_kv_heads, device=self.device).view(1, args.n_kv_heads)
@@ -238,13 +252,13 @@ class KVCache:
         s = start
         while s < start + T:
             e = min(start + T, (s // piece + 1) * piece)
-            self._plan = _Prefill(r0, r1, s, e - s)
+            self.plan = _Prefill(r0, r1, s, e - s)
             positions = torch.arange(s, e, device=self.device)
             try:
                 logits = model(tokens[:, s - start:e - start], positions=positions, cache=self, last_only=True,
                                inputs_embeds=None if embeds is None else embeds[:, s - start:e - start])
             finally:
-                self._plan = None
+                self.plan = None
             s = e
         for r in rows:
             self.lengths[r] = start + T
@@ -265,11 +279,11 @@ class KVCache:
             raise ValueError("decode: no row in the batch is decoding")
         need = max(self.lengths[r] for r in rows) + 1
         self.reserve(need)
-        self._plan = self._decode_plan(n, rows, need)
+        self.plan = self._decode_plan(n, rows, need)
         try:
             logits = model(tokens, positions=self.pos[:n].view(n, 1), cache=self)
         finally:
-            self._plan = None
+            self.plan = None
         self.pos[:n] += self.active[:n]
         for r in rows:
             self.lengths[r] += 1

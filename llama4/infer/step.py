@@ -26,7 +26,9 @@ These choices are made here, outside the model:
   weights: 21.6 GB/s at 1 row, 7.9 at 4, 4.6 at 8, where MKL gives 5.1), so BLAS keeps wider
   steps.
 * **Guard-light calls** (compiled only). Once a call shape has passed Dynamo's full guards,
-  later calls of that shape skip them (0.3 ms per CPU step); see ``DecodeStep._run``.
+  later calls of that shape skip them (0.3 ms per CPU step). That is safe because of the
+  invariant stated at ``DecodeStep._run``: with a static cache, everything the graph specializes
+  on is a function of the call's signature.
 
 The eager path with the model's own MoE is the reference; tests check they agree.
 """
@@ -127,11 +129,33 @@ class DecodeStep:
                 tuple(sorted((k, key(v)) for k, v in kw.items())))
 
     def _run(self, tokens, positions, cache, kw):
+        """Call the model, compiled or not.
+
+        Dynamo re-checks ~100 guards (every parameter, every cache tensor) before each call:
+        0.3 ms, a tenth of a CPU decode step. Once a signature has run through the full guards,
+        its next calls run under ``skip_guard_eval_unsafe``, which only checks the guards that
+        tell this frame's compiled graphs apart, so it would run a stale graph if something the
+        full guards check had changed while the signature stayed the same. It cannot, because:
+
+        * The cache is static (enforced here). Its buffers' shapes follow from (max_batch,
+          capacity, dtype, device), replaced only when ``reserve`` raises the capacity; its decode
+          plan's Python values are fixed by the signature too: ``n`` is the tokens' rows, every
+          layer exposes its whole buffer (``full_keys`` = capacity, ``ring_keys`` = ring size) and
+          the masks are always tensors of shape (n, 1, 1, keys). A dynamic cache exposes a key
+          count that changes every step, with the same signature: it must never skip guards.
+        * The model's structure is fixed while it decodes: the MoE path is forced to "gather" for
+          every compiled call (``moe_impl``), training mode and grad mode are in the signature,
+          and the weights change only in place (an optimizer step, ``load_state_dict``), keeping
+          their shapes, dtypes and strides (the expert re-layout happens before compiling).
+          Replacing parameters or buffers with differently laid-out tensors, or calling under
+          autocast, between calls of one ``DecodeStep`` breaks this; make a new ``DecodeStep``
+          (its set of warm signatures starts empty).
+        """
         if not self.compiled:
             return self.fn(tokens, positions=positions, cache=cache, **kw)
-        # Dynamo re-checks ~100 guards (every parameter, every cache tensor) before each call:
-        # 0.3 ms, a tenth of a CPU decode step. Once a signature has run through the full
-        # guards, its next calls only run the guards that tell its graphs apart.
+        if not cache.static:
+            raise ValueError("a compiled DecodeStep needs a KVCache made with static=True (its shapes "
+                             "must not change between calls that skip Dynamo's guards)")
         sig = self._signature(tokens, positions, cache, kw)
         if sig not in self._warm:
             out = self.fn(tokens, positions=positions, cache=cache, **kw)

@@ -25,13 +25,14 @@ from llama4.model.layers import apply_rope, rms_norm
 class LayerKVCache(Protocol):
     """The cache hook: one object per layer, owned by the inference room.
 
-    ``update`` stores the new keys/values (B, n_kv, T, hd) written at ``positions`` and returns
-    the keys/values the queries may attend to plus a boolean mask (B|1, 1, T, S) of what each
-    query sees (None: every returned key is visible to every query).
+    ``update`` stores this forward's new keys/values (B, n_kv, T, hd) and returns the keys/values
+    the queries may attend to plus a boolean mask (B|1, 1, T, S) of what each query sees (None:
+    every returned key is visible to every query). Where the new keys go is the cache's own
+    business, not the layer's: whoever owns the cache chose the positions the model is called
+    with and sets the cache up for that call.
     """
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
 
 def temperature_scale(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
@@ -108,7 +109,7 @@ class Attention(nn.Module):
         gqa = k.shape[1] != q.shape[1]
 
         if cache is not None:
-            k, v, mask = cache.update(k, v, positions)
+            k, v, mask = cache.update(k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif self.chunk_size is not None:
             out = chunked_causal_attention(q, k, v, self.chunk_size)

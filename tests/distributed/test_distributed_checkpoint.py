@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from oracles import require
+
 from dist_harness import (GLOBAL_BATCH, SEQ, dump, initial_state, load, loader_step, make_optimizer, spawn,
                           synthetic_shards, tiny_args)
 
@@ -133,7 +135,7 @@ def test_resume_at_another_layout_continues_the_run(runs, tag):
 def test_dcp_to_hf_reads_back_in_llama4_and_transformers(runs):
     import llama4
 
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     out, saved = runs["out"], runs["save"][0]["saved"]
     ours = llama4.load(out / "hf")
     assert _max_diff(ours.state_dict(), saved) == 0.0

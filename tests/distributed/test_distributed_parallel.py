@@ -1,6 +1,7 @@
 """Same math as one process: 2 CPU processes (gloo) train 5 steps under FSDP2, EP=2, TP=2 and
 FSDP2 x EP, and their losses and final parameters match a single-process run on the same global
-batch within 1e-5 (float32). One spawn runs all layouts (process start-up dominates on 2 cores)."""
+batch (float32; measured: losses within 4.8e-7, parameters within 3.2e-6, as the README states).
+One spawn runs all layouts (process start-up dominates on 2 cores)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ LAYOUTS = {
     "fsdp2_ac": dict(dp=2, activation_checkpoint=True),  # recomputation changes memory, not math
     "fsdp2_bf16_params": dict(dp=2, param_dtype="bfloat16"),  # mixed precision: close, not equal
 }
-TOL = 1e-5
+# bounds a 10x regression of the README's figures would break
+LOSS_TOL = 4e-6
+TOL = 1e-5  # parameters
 
 
 def _worker(rank, world_size, args, state, data, out_dir):
@@ -123,9 +126,10 @@ def test_layout_matches_single_process(runs, name):
     r0, r1 = _result(runs, name)
     ref = runs["ref_losses"]
     assert r0["losses"] == r1["losses"]  # every rank reports the same global loss
-    for got, want in zip(r0["losses"], ref):
-        assert abs(got - want) <= TOL, (name, r0["losses"], ref)
+    loss_diff = max(abs(got - want) for got, want in zip(r0["losses"], ref))
     worst = max((r0["params"][k] - v).abs().max().item() for k, v in runs["ref_params"].items())
+    print(f"{name}: loss {loss_diff:.2g}, parameters {worst:.2g}")
+    assert loss_diff <= LOSS_TOL, (name, r0["losses"], ref)
     moved = max((runs["init"][k] - v).abs().max().item() for k, v in runs["ref_params"].items())
     assert moved > 100 * TOL  # the weights really trained, so agreement is not between constants
     assert set(r0["params"]) == set(runs["ref_params"])
