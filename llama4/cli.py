@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.train.cli import add_subparser as add_train
     from llama4.distributed.cli import add_subparsers as add_distributed
     from llama4.metap.cli import add_subparser as add_metap
+    from llama4.tasks.cli import add_subparser as add_tasks
+    from llama4.eval.cli import add_subparser as add_eval
 
     add_tokenizer(sub)  # llama4 tokenizer train
     add_data(sub)  # llama4 data prepare
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)  # llama4 train
     add_distributed(sub)  # llama4 plan / dcp to-hf / dcp from-hf
     add_metap(sub)  # llama4 metap coord-check / sweep / predict / validate
+    add_tasks(sub)  # llama4 tasks list / sample
+    add_eval(sub)  # llama4 eval / eval needle / eval longppl
     return p
 
 

@@ -11,6 +11,10 @@ A long prompt is prefilled one piece per step, so requests already decoding keep
 while it is read. The engine runs in one background thread (:meth:`start`); other threads only
 :meth:`submit` and :meth:`abort`. Each request's ``sink(request, new_ids, finished)`` is called
 from the engine thread; the server forwards it to its event loop.
+
+A request may ask for log-probabilities (``logprobs``: of each generated token, with the top k;
+``prompt_logprobs``: of each prompt token, from one plain forward over the prompt). Both are
+computed here, on the engine thread, so no other thread ever runs the engine's model.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from llama4.infer.kv_cache import KVCache
 from llama4.infer.sampling import Sampler, SamplingParams
+from llama4.infer.score import TokenScores, next_token_scores, sequence_logprobs
 from llama4.infer.step import DecodeStep
 
 log = logging.getLogger("llama4.engine")
@@ -71,6 +76,10 @@ class Request:
     embeds: torch.Tensor | None = None  # (1, T, D) the prompt's embeddings with the images merged, while prefilling
     aborted: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # score each generated token, with its top-k (k = this)
+    prompt_logprobs: int | None = None  # score the prompt's tokens 1.. (k = this); max_tokens may be 0
+    output_scores: list[TokenScores] = field(default_factory=list)  # one entry per emitted piece
+    prompt_scores: TokenScores | None = None  # set before the first token is emitted
 
     @property
     def finished(self) -> bool:
@@ -98,23 +107,31 @@ class Engine:
 
     # --- public, thread-safe -----------------------------------------------------------------
     def submit(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None,
-               stop_ids=(), sink: Sink | None = None, pixel_values: torch.Tensor | None = None) -> Request:
+               stop_ids=(), sink: Sink | None = None, pixel_values: torch.Tensor | None = None,
+               logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """Queue a request; raises ValueError for a prompt or length the engine cannot serve.
-        ``pixel_values``: the image tiles of a multimodal prompt (a `MultimodalTransformer` only)."""
+        ``pixel_values``: the image tiles of a multimodal prompt (a `MultimodalTransformer` only).
+        ``logprobs`` / ``prompt_logprobs``: top-k counts (0: the chosen token only), see Request."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if pixel_values is not None and not hasattr(self.model, "embed"):
             raise ValueError("this model has no vision tower; it cannot take images")
+        if pixel_values is not None and prompt_logprobs is not None:
+            raise ValueError("prompt log-probabilities of an image prompt are not supported")
         V = self.model.args.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < V for t in prompt):
             raise ValueError(f"prompt token ids must be ints in [0, {V})")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (not isinstance(k, int) or k < 0):
+                raise ValueError(f"{name} must be None or an int >= 0, got {k!r}")
+        least = 0 if prompt_logprobs is not None else 1  # scoring a prompt needs no new token
+        if not isinstance(max_tokens, int) or max_tokens < least:
+            raise ValueError(f"max_tokens must be an int >= {least}, got {max_tokens!r}")
         if len(prompt) + max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
                              f"context limit of {self.max_context} tokens")
         req = Request(list(prompt), max_tokens, params or SamplingParams(), frozenset(stop_ids), sink,
-                      pixel_values=pixel_values)
+                      pixel_values=pixel_values, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         with self._lock:
             self.waiting.append(req)
             self._lock.notify()
@@ -205,6 +222,11 @@ class Engine:
     def _prefill_piece(self, req: Request) -> None:
         P = self.config.prefill_chunk
         s = req.prefilled
+        if s == 0 and req.prompt_logprobs is not None:
+            req.prompt_scores = sequence_logprobs(self.model, [req.prompt], req.prompt_logprobs)[0]
+            if req.max_tokens == 0:
+                self._finish(req, "length")
+                return
         e = min(len(req.prompt), (s // P + 1) * P)
         tokens = torch.tensor([req.prompt[s:e]], device=self.device)
         if req.pixel_values is not None and req.embeds is None:  # the vision tower runs once per request
@@ -222,6 +244,8 @@ class Engine:
             self.last_tok[req.row] = tok[0]
             req.state = "running"
             self.cache.set_decoding(req.row, True)
+            if req.logprobs is not None:
+                req.output_scores.append(next_token_scores(logits, tok, req.logprobs))
             self._emit(req, tok.tolist())
 
     def _decode(self) -> None:
@@ -234,6 +258,8 @@ class Engine:
         for r in range(n):
             req = self.rows[r]
             if req is not None and req.state == "running" and self.cache.decoding[r]:
+                if req.logprobs is not None:
+                    req.output_scores.append(next_token_scores(logits[r:r + 1], tok[r:r + 1], req.logprobs))
                 self._emit(req, [ids[r]])
 
     def _emit(self, req: Request, ids: list[int]) -> None:

@@ -1,15 +1,21 @@
 """OpenAI-compatible HTTP server: FastAPI routes and SSE streaming over the batching engine.
 
     /health  /v1/models  /v1/chat/completions  /v1/completions
+    /tokenizer_info  /tokenize  /detokenize          (vLLM's tokenizer routes, at the root)
 
 Every request goes to the shared :class:`~llama4.infer.engine.Engine`, which batches whatever is
-running (continuous batching); handlers only encode, wait on their own queue and decode. Every
-client error is a 4xx with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}``.
+running (continuous batching); handlers only encode, wait on their own queue and decode. Chat and
+completions share one path (:meth:`Server._respond`): submit every choice, then either collect
+the choices into one response or stream their deltas as server-sent events; only the shape of
+the response (``shapes.py``) differs. Log-probabilities are computed on
+the engine thread (``Engine.submit(logprobs=, prompt_logprobs=)``). Every client error is a 4xx
+with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}`` (``errors.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -23,51 +29,20 @@ from llama4.infer.detok import TextStream
 from llama4.infer.engine import Engine
 from llama4.infer.sampling import SamplingParams
 from llama4.server import protocol as P
+from llama4.server import tokenize as T
+from llama4.server.errors import APIError, check_range, error_response, validation_error
+from llama4.server.logprobs import GeneratedTokens
+from llama4.server.shapes import ChatShape, Choice, CompletionShape
 from llama4.tokenizer.chat_format import encode_dialog_prompt
 
 log = logging.getLogger("llama4.server")
 _FINISH = {"stop": "stop", "length": "length", "abort": "stop"}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.body = status, P.ErrorResponse(
-            error=P.ErrorDetail(message=message, type=type, param=param, code=code))
-
-
-def _error(status: int, message: str, param=None, code=None, type="invalid_request_error") -> JSONResponse:
-    return JSONResponse(APIError(status, message, param, code, type).body.model_dump(), status_code=status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
-    errs = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errs):
-        return "We could not parse the JSON body of your request: malformed JSON.", None, "invalid_json"
-    if not errs:
-        return "Invalid request.", None, "invalid_request"
-    e = errs[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    msg = e.get("msg", "invalid value")
-    if e.get("type") == "missing":
-        msg = f"Missing required parameter: '{param}'."
-    elif param:
-        msg = f"Invalid value for '{param}': {msg}."
-    return msg, param, "invalid_value" if e.get("type") != "missing" else "missing_required_parameter"
-
-
-class _Choice:
-    def __init__(self, index: int, prompt: list[int], stream: TextStream):
-        self.index, self.prompt, self.stream = index, prompt, stream
-        self.req = None
-        self.text = ""
-        self.finish: str | None = None
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
+MAX_CHAT_TOP_LOGPROBS = 20
 
 
 class Server:
-    """Holds the engine, the tokenizer and the limits; builds the FastAPI app."""
+    """Holds the engine, the tokenizer and the limits; builds the responses."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                  default_max_tokens: int = 512):
@@ -75,6 +50,8 @@ class Server:
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         self.max_images = 8  # per request: Llama 4 was post-trained with up to 8 (LLAMA4.md Part A)
+        # ids the tokenizer can decode and the model can read
+        self.vocab = min(engine.model.args.vocab_size, tokenizer.n_words)
 
     # --- validation ----------------------------------------------------------------------------
     def _check_common(self, req: P._Sampling) -> None:
@@ -85,15 +62,15 @@ class Server:
             raise APIError(400, "presence_penalty and frequency_penalty are not supported.",
                            "presence_penalty" if req.presence_penalty else "frequency_penalty", "unsupported_parameter")
 
-    def _max_tokens(self, value: int | None, prompt_len: int, param: str, prompt_param: str) -> int:
+    def _max_tokens(self, value: int | None, prompt_len: int, param: str, prompt_param: str, least: int = 1) -> int:
         limit = self.engine.max_context
         if prompt_len >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your "
                            f"prompt has {prompt_len} tokens.", prompt_param, "context_length_exceeded")
         if value is None:
             return min(self.default_max_tokens, limit - prompt_len)
-        if value < 1:
-            raise APIError(400, f"Invalid '{param}': must be at least 1, got {value}.", param, "invalid_value")
+        if value < least:
+            raise APIError(400, f"Invalid '{param}': must be at least {least}, got {value}.", param, "invalid_value")
         if prompt_len + value > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
                            f"requested {prompt_len + value} tokens ({prompt_len} in the prompt, {value} "
@@ -119,7 +96,6 @@ class Server:
             out.append({"role": role, "content": content if content is not None else ""})
         return out
 
-    # --- running requests ------------------------------------------------------------------------
     def _image_prompt(self, dialog: list[dict]):
         """Ids and pixel tiles of a dialog with images; a bad image is a 400 naming why."""
         from llama4.vision import ImageError
@@ -132,15 +108,46 @@ class Server:
             raise APIError(400, f"invalid image: {e}", "messages", "invalid_image") from None
         return p.ids, p.pixel_values
 
+    def _completion_prompts(self, raw) -> tuple[list[list[int]], list[int]]:
+        """(token ids of each prompt, how many leading ids the server added: the BOS of a text
+        prompt). Prompts come as a string, strings, a list of ids or lists of ids."""
+        if isinstance(raw, str) or (raw and all(isinstance(t, int) for t in raw)):
+            raw = [raw]
+        if not raw:
+            raise APIError(400, "prompt must not be empty.", "prompt", "invalid_value")
+        prompts, added = [], []
+        for i, p in enumerate(raw):
+            param = "prompt" if len(raw) == 1 else f"prompt.{i}"
+            if isinstance(p, str):
+                prompts.append(self.tok.encode(p, bos=True))
+                added.append(1)
+                continue
+            if not p:
+                raise APIError(400, f"Invalid '{param}': a token-id prompt must not be empty.", param, "invalid_value")
+            bad = next((t for t in p if not 0 <= t < self.vocab), None)
+            if bad is not None:
+                raise APIError(400, f"Invalid '{param}': token id {bad} is outside the vocabulary [0, {self.vocab}).",
+                               param, "invalid_value")
+            prompts.append(list(p))
+            added.append(0)
+        return prompts, added
+
+    # --- running requests ------------------------------------------------------------------------
     async def _run(self, prompts: list[list[int]], n: int, max_tokens: list[int], params: SamplingParams,
-                   stop_ids, stop_strings, pixel_values=None) -> AsyncIterator[tuple[_Choice, str, bool]]:
-        """Submits len(prompts) * n requests; yields (choice, new text, finished) as tokens come."""
+                   stop_ids, stop_strings, *, pixel_values=None, hidden_ids=(), logprobs: int | None = None,
+                   prompt_logprobs: int | None = None, text_starts=None,
+                   ) -> AsyncIterator[tuple[Choice, str, bool]]:
+        """Submits len(prompts) * n requests; yields (choice, new text, finished) as tokens come.
+        ``hidden_ids``: generated ids that add no text (stop tokens); ``text_starts[p]``: where
+        prompt p's generated text starts in the response's text offsets."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         choices = []
         for p_i, prompt in enumerate(prompts):
+            start = text_starts[p_i] if text_starts else 0
             for j in range(n):
-                choices.append(_Choice(p_i * n + j, prompt, TextStream(self.tok, stop_strings, stop_ids)))
+                choices.append(Choice(p_i * n + j, prompt, TextStream(self.tok, stop_strings, stop_ids),
+                                       GeneratedTokens(self.tok, hidden_ids, start)))
 
         def sink_for(choice):
             return lambda req, ids, finished: loop.call_soon_threadsafe(queue.put_nowait, (choice, ids, finished))
@@ -151,7 +158,8 @@ class Server:
                 p = SamplingParams(params.temperature, params.top_p, params.top_k, seed)
                 try:
                     c.req = self.engine.submit(c.prompt, max_tokens[c.index // n], p, stop_ids, sink_for(c),
-                                               pixel_values=pixel_values)
+                                               pixel_values=pixel_values, logprobs=logprobs,
+                                               prompt_logprobs=prompt_logprobs)
                 except ValueError as e:
                     raise APIError(400, str(e), None, "invalid_value") from None
             left = len(choices)
@@ -159,6 +167,7 @@ class Server:
                 c, ids, finished = await queue.get()
                 if c.finish is not None:
                     continue
+                c.tokens.push(ids)
                 delta = c.stream.push(ids)
                 if c.stream.stopped and not finished:
                     self.engine.abort(c.req)
@@ -178,108 +187,33 @@ class Server:
                     self.engine.abort(c.req)
 
     @staticmethod
-    def _usage(choices: list[_Choice], prompts: list[list[int]]) -> P.Usage:
-        prompt_tokens = sum(len(p) for p in prompts)
+    def _usage(choices: list[Choice]) -> P.Usage:
+        prompt_tokens = sum(len(c.prompt) for c in choices)
         completion = sum(len(c.req.output) for c in choices if c.req is not None)
         return P.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                        total_tokens=prompt_tokens + completion)
 
-    async def chat(self, req: P.ChatCompletionRequest):
-        self._check_common(req)
-        if req.logprobs:
-            raise APIError(400, "logprobs are not supported.", "logprobs", "unsupported_parameter")
-        if req.tools:
-            raise APIError(400, "tools are not supported by this server.", "tools", "unsupported_parameter")
-        dialog, pixels = self._dialog(req.messages), None
-        try:
-            if any(isinstance(m["content"], list) and any(p["type"] == "image_url" for p in m["content"])
-                   for m in dialog):
-                prompt, pixels = await asyncio.to_thread(self._image_prompt, dialog)
-            else:
-                prompt = encode_dialog_prompt(self.tok, dialog)
-        except (ValueError, TypeError) as e:
-            raise APIError(400, str(e), "messages", "invalid_value") from None
-        mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self._max_tokens(mt, len(prompt), param, "messages")
-        params = self._params(req)
-        rid, created = P.new_id("chatcmpl"), P.now()
-        gen = self._run([prompt], req.n, [max_tokens], params, self.tok.stop_tokens, req.stop_strings, pixels)
-        if not req.stream:
-            choices = {}
+    async def _respond(self, shape, gen: AsyncIterator[tuple[Choice, str, bool]], stream: bool,
+                       include_usage: bool):
+        """The one collect-or-stream path of chat and completions."""
+        if not stream:
+            done: dict[int, Choice] = {}
             async for c, _, finished in gen:
                 if finished:
-                    choices[c.index] = c
-            out = [P.ChatChoice(index=i, message=P.AssistantMessage(content=c.text), finish_reason=c.finish)
-                   for i, c in sorted(choices.items())]
-            return P.ChatCompletion(id=rid, created=created, model=self.model_name, choices=out,
-                                    usage=self._usage(list(choices.values()), [prompt] * req.n))
-
-        def chunk(choices=(), usage=None):
-            return P.ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=list(choices),
-                                         usage=usage).model_dump_json(exclude_none=False)
+                    done[c.index] = c
+            choices = [done[i] for i in sorted(done)]
+            return shape.response(choices, self._usage(choices))
 
         async def events():
-            seen = []
-            for i in range(req.n):
-                yield chunk([P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant", content=""))])
-            async for c, delta, finished in gen:
-                seen.append(c)
-                if delta:
-                    yield chunk([P.ChatChunkChoice(index=c.index, delta=P.Delta(content=delta))])
-                if finished:
-                    yield chunk([P.ChatChunkChoice(index=c.index, delta=P.Delta(), finish_reason=c.finish)])
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], self._usage(list({c.index: c for c in seen}.values()), [prompt] * req.n))
-
-        return self._sse(events())
-
-    async def completions(self, req: P.CompletionRequest):
-        self._check_common(req)
-        if req.echo or req.logprobs is not None or req.suffix is not None or (req.best_of or 1) != 1:
-            raise APIError(400, "echo, logprobs, suffix and best_of are not supported.", None, "unsupported_parameter")
-        raw = req.prompt
-        if isinstance(raw, str):
-            raw = [raw]
-        elif raw and all(isinstance(t, int) for t in raw):
-            raw = [raw]
-        if not raw:
-            raise APIError(400, "prompt must not be empty.", "prompt", "invalid_value")
-        prompts = []
-        V = self.engine.model.args.vocab_size
-        for p in raw:
-            if isinstance(p, str):
-                prompts.append(self.tok.encode(p, bos=True))
-            else:
-                if not p or any(not 0 <= t < V for t in p):
-                    raise APIError(400, f"prompt token ids must be non-empty and in [0, {V}).", "prompt",
-                                   "invalid_value")
-                prompts.append(list(p))
-        max_tokens = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt") for p in prompts]
-        params = self._params(req)
-        rid, created = P.new_id("cmpl"), P.now()
-        gen = self._run(prompts, req.n, max_tokens, params, [self.tok.eos_id], req.stop_strings)
-        all_prompts = [p for p in prompts for _ in range(req.n)]
-        if not req.stream:
-            choices = {}
-            async for c, _, finished in gen:
-                if finished:
-                    choices[c.index] = c
-            out = [P.CompletionChoice(index=i, text=c.text, finish_reason=c.finish) for i, c in sorted(choices.items())]
-            return P.Completion(id=rid, created=created, model=self.model_name, choices=out,
-                                usage=self._usage(list(choices.values()), all_prompts))
-
-        async def events():
-            seen = {}
+            seen: dict[int, Choice] = {}
+            for e in shape.opening():
+                yield e
             async for c, delta, finished in gen:
                 seen[c.index] = c
-                if delta or finished:
-                    yield P.Completion(id=rid, created=created, model=self.model_name, choices=[
-                        P.CompletionChoice(index=c.index, text=delta, finish_reason=c.finish if finished else None)
-                    ]).model_dump_json()
-            if req.stream_options and req.stream_options.include_usage:
-                yield P.Completion(id=rid, created=created, model=self.model_name, choices=[],
-                                   usage=self._usage(list(seen.values()), all_prompts)).model_dump_json()
+                for e in shape.chunks(c, delta, finished):
+                    yield e
+            if include_usage:
+                yield shape.usage_chunk(self._usage(list(seen.values())))
 
         return self._sse(events())
 
@@ -295,6 +229,56 @@ class Server:
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # --- the two routes ------------------------------------------------------------------------
+    async def chat(self, req: P.ChatCompletionRequest):
+        self._check_common(req)
+        if req.tools:
+            raise APIError(400, "tools are not supported by this server.", "tools", "unsupported_parameter")
+        check_range(req.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS, "top_logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "Invalid 'top_logprobs': 'logprobs' must be set to true when 'top_logprobs' is "
+                           "used.", "top_logprobs", "invalid_value")
+        dialog, pixels = self._dialog(req.messages), None
+        try:
+            if any(isinstance(m["content"], list) and any(p["type"] == "image_url" for p in m["content"])
+                   for m in dialog):
+                prompt, pixels = await asyncio.to_thread(self._image_prompt, dialog)
+            else:
+                prompt = encode_dialog_prompt(self.tok, dialog)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e), "messages", "invalid_value") from None
+        mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self._max_tokens(mt, len(prompt), param, "messages")
+        stops = self.tok.stop_tokens
+        gen = self._run([prompt], req.n, [max_tokens], self._params(req), stops, req.stop_strings,
+                        pixel_values=pixels, hidden_ids=stops, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        shape = ChatShape(self.tok, self.model_name, req.n, bool(req.logprobs))
+        return await self._respond(shape, gen, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+    async def completions(self, req: P.CompletionRequest):
+        self._check_common(req)
+        if req.suffix is not None or (req.best_of or 1) != 1:
+            raise APIError(400, "suffix and best_of are not supported.", "suffix" if req.suffix is not None
+                           else "best_of", "unsupported_parameter")
+        check_range(req.logprobs, 0, MAX_COMPLETION_LOGPROBS, "logprobs")
+        if req.echo and req.stream:
+            raise APIError(400, "echo is not supported together with stream.", "echo", "unsupported_parameter")
+        prompts, added = self._completion_prompts(req.prompt)
+        least = 0 if req.echo else 1  # OpenAI: echo with max_tokens 0 returns the scored prompt alone
+        max_tokens = [self._max_tokens(req.max_tokens, len(p), "max_tokens", "prompt", least) for p in prompts]
+        texts = [self.tok.decode(p[a:]) for p, a in zip(prompts, added)]  # a text prompt's own string
+        # text offsets count from the start of the prompt's text, echoed or not (as OpenAI's do)
+        starts = [len(t) for t in texts]
+        score_prompt = req.logprobs if req.echo and req.logprobs is not None else (0 if min(max_tokens) == 0 else None)
+        gen = self._run(prompts, req.n, max_tokens, self._params(req), [self.tok.eos_id], req.stop_strings,
+                        hidden_ids=[self.tok.eos_id], logprobs=req.logprobs, prompt_logprobs=score_prompt,
+                        text_starts=starts)
+        shape = CompletionShape(self.tok, self.model_name, req, added, texts if req.echo else None)
+        return await self._respond(shape, gen, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
@@ -317,13 +301,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.middleware("http")
     async def auth(request: HTTPRequest, call_next):
+        # Like vLLM, only /v1 needs the key; /health and the tokenizer routes stay open.
         if srv.api_key and request.url.path.startswith("/v1"):
             header = request.headers.get("authorization", "")
             if not header:
-                return _error(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
-                              None, "missing_api_key")
-            if header != f"Bearer {srv.api_key}":
-                return _error(401, "Incorrect API key provided.", None, "invalid_api_key")
+                return error_response(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                                      None, "missing_api_key")
+            # constant-time: the comparison must not reveal how much of a guessed key is right
+            if not hmac.compare_digest(header.encode(), f"Bearer {srv.api_key}".encode()):
+                return error_response(401, "Incorrect API key provided.", None, "invalid_api_key")
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -332,18 +318,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        msg, param, code = _validation_message(exc)
-        return _error(400, msg, param, code)
+        msg, param, code = validation_error(exc)
+        return error_response(400, msg, param, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error(exc.status_code, str(exc.detail), None, code)
+        return error_response(exc.status_code, str(exc.detail), None, code)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
         log.exception("unhandled error")
-        return _error(500, f"internal error: {type(exc).__name__}", None, "internal_error", "server_error")
+        return error_response(500, f"internal error: {type(exc).__name__}", None, "internal_error", "server_error")
 
     @app.get("/health")
     async def health():
@@ -367,6 +353,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest):
         return await srv.completions(req)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return T.tokenizer_info(srv.tok, engine.max_context)
+
+    @app.post("/tokenize")
+    async def tokenize(req: P.TokenizeRequest):
+        return T.tokenize(srv.tok, req, engine.max_context)
+
+    @app.post("/detokenize")
+    async def detokenize(req: P.DetokenizeRequest):
+        return T.detokenize(srv.tok, req)
 
     return app
 

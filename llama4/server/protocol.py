@@ -1,9 +1,10 @@
 """OpenAI API schemas (the subset we serve), as pydantic models.
 
 Requests validate types and ranges here; anything that fails becomes a 400 with an OpenAI-style
-error body (``app.py``). Unknown extra fields are ignored, as OpenAI clients send fields we do not
-use; fields we cannot honour (``logprobs``, ``tools``, penalties, images) are rejected explicitly
-rather than silently ignored.
+error body (``errors.py``). Unknown extra fields are ignored, as OpenAI clients send fields we do
+not use; fields we cannot honour (``tools``, penalties, ``best_of``, images on a text model) are
+rejected explicitly rather than silently ignored. The tokenizer routes (``/tokenize``,
+``/detokenize``, ``/tokenizer_info``) follow vLLM's, which lm-eval's remote tokenizer reads.
 """
 
 from __future__ import annotations
@@ -95,16 +96,27 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = None  # 0..20, needs logprobs=true (checked in app.py)
     tools: list | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0 only with echo: score the prompt, generate nothing
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = None  # 0..5 top tokens per position (checked in app.py)
     suffix: str | None = None
     best_of: int | None = None
+
+
+class TokenizeRequest(_Req):
+    prompt: str
+    add_special_tokens: bool = True  # prepend <|begin_of_text|>, as a Hugging Face Llama tokenizer does
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Req):
+    tokens: list[int]
 
 
 # --- responses -------------------------------------------------------------------------------
@@ -128,11 +140,33 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None for a prompt's first token (it has no context)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -153,7 +187,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -169,7 +203,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -191,3 +225,14 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
