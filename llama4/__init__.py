@@ -19,7 +19,10 @@ def load(path, dtype=None, device=None):
 
 
 def save(model, path, **kwargs):
-    """Write ``model`` in the Hugging Face layout (config.json + safetensors)."""
+    """Write ``model`` in the Hugging Face layout (config.json + safetensors); with
+    ``tokenizer=`` (a Tokenizer or a path) also tokenizer.json, tokenizer_config.json (Llama 4's
+    chat template), special_tokens_map.json and generation_config.json, so transformers'
+    AutoTokenizer and pipelines load the folder as is. See :func:`llama4.checkpoint.save`."""
     from llama4.checkpoint import save as _save
 
     return _save(model, path, **kwargs)
@@ -28,8 +31,8 @@ def save(model, path, **kwargs):
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_p=1.0, top_k=None, seed=None,
              stop=None, **kwargs):
     """New token ids for a prompt (list of ids) or a batch of prompts; greedy by default.
-    See :func:`llama4.infer.generate.generate`."""
-    from llama4.infer.generate import generate as _generate
+    See :func:`llama4.infer.generation.generate`."""
+    from llama4.infer.generation import generate as _generate
 
     return _generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                      seed=seed, stop=stop, **kwargs)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.metap.cli import add_subparser as add_metap
     from llama4.tasks.cli import add_subparser as add_tasks
     from llama4.eval.cli import add_subparser as add_eval
+    from llama4.posttrain.cli_sft import add_subparser as add_sft
+    from llama4.posttrain.cli_dpo import add_subparser as add_dpo
+    from llama4.posttrain.cli_rl import add_subparser as add_rl
 
     add_tokenizer(sub)  # llama4 tokenizer train
     add_data(sub)  # llama4 data prepare
@@ -78,11 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_metap(sub)  # llama4 metap coord-check / sweep / predict / validate
     add_tasks(sub)  # llama4 tasks list / sample
     add_eval(sub)  # llama4 eval / eval needle / eval longppl
+    add_sft(sub)  # llama4 sft
+    add_dpo(sub)  # llama4 dpo
+    add_rl(sub)  # llama4 rl
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["metap"]):
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["metap"], ["sft"], ["dpo"], ["rl"]):
         # Before anything imports torch: OpenMP reads its wait policy once, and spinning threads
         # run training 3-10x slower on a shared 2-core machine (PLATFORM.md). The environment wins.
         import os

@@ -20,7 +20,7 @@ from llama4.eval.common import kv_cache_bytes, parse_depths, parse_ints, parse_l
 from llama4.eval.longppl import corpus_sequences, long_ppl
 from llama4.eval.needle import (FIELDS_OF_THE_TESTER, SENTENCES, Needle, build_prompt, filler_ids, prompt_frame,
                                 run_needle, score_response)
-from llama4.infer.generate import full_forward_greedy
+from llama4.infer.generation import full_forward_greedy
 from llama4.infer.kv_cache import KVCache
 from llama4.infer.model_dir import load_model_dir
 from test_eval_suites import save_tiny

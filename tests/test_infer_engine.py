@@ -11,7 +11,7 @@ import torch
 
 from llama4.infer.detok import TextStream, split_utf8
 from llama4.infer.engine import Engine, EngineConfig, wait_all
-from llama4.infer.generate import full_forward_greedy
+from llama4.infer.generation import full_forward_greedy
 from llama4.infer.sampling import SamplingParams
 from llama4.model import ModelArgs, Transformer
 

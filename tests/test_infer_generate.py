@@ -14,7 +14,7 @@ from oracles import require
 
 import llama4
 from llama4.infer import generate, generate_stream
-from llama4.infer.generate import full_forward_greedy
+from llama4.infer.generation import full_forward_greedy
 
 transformers = require("transformers")
 from transformers import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402

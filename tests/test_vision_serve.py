@@ -24,7 +24,7 @@ from serving import serving, write_tiny_model_dir
 
 import llama4
 from llama4.infer.engine import Engine, EngineConfig
-from llama4.infer.generate import full_forward_greedy
+from llama4.infer.generation import full_forward_greedy
 from llama4.infer.model_dir import load_model_dir
 from llama4.vision.prompt import ImageSpec, encode_prompt
 

@@ -37,7 +37,8 @@ _META_SHARD = re.compile(r"^consolidated(?:\.(\d+))?\.pth$")
 _SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 # Files `save` writes: an existing directory holding only these may be replaced.
 _OWN_FILES = re.compile(r"^(config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|"
-                        r"model-\d{5}-of-\d{5}\.safetensors)$")
+                        r"model-\d{5}-of-\d{5}\.safetensors|tokenizer\.(json|model)|tokenizer_config\.json|"
+                        r"special_tokens_map\.json)$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,13 +276,17 @@ def _fsync(p: Path):
         os.close(fd)
 
 
-def save(model, path, max_shard_size="5GB", dtype=None) -> Path:
+def save(model, path, max_shard_size="5GB", dtype=None, tokenizer=None, temperature=None, top_p=None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint that transformers loads: ``Llama4ForCausalLM``
     for a `Transformer`, ``Llama4ForConditionalGeneration`` for a `MultimodalTransformer`.
 
     ``max_shard_size``: bytes, or a string such as "5GB"; larger models are split into
     model-0000k-of-0000n.safetensors with model.safetensors.index.json. ``dtype``: the dtype
-    written (default: the model's). Returns the directory."""
+    written (default: the model's). ``tokenizer`` (a `Tokenizer`, or a path `load_tokenizer` reads;
+    None writes weights only): adds the files that make the folder a complete Hugging Face model
+    (tokenizer.json, tokenizer_config.json with Llama 4's chat template, special_tokens_map.json,
+    generation_config.json with ``temperature`` / ``top_p``, default 0.6 / 0.9, and our
+    tokenizer.model; ``llama4.tokenizer.hf_files``). Returns the directory."""
     from safetensors.torch import save_file
 
     model = unwrap_model(model)
@@ -296,7 +301,8 @@ def save(model, path, max_shard_size="5GB", dtype=None) -> Path:
         if foreign:
             raise CheckpointError(f"{path}: exists and holds files a checkpoint save would not write "
                                   f"({describe(foreign, 4)}); refusing to replace it")
-    state = model.state_dict()
+    extra = _tokenizer_files(tokenizer, args, temperature, top_p) if tokenizer is not None else {}
+    state = _plain_state_dict(model)
     if isinstance(model, MultimodalTransformer):
         args, state = fold_forward_multipliers(args, state, hf.MM_OURS_TEXT_PREFIX)
         layout = dict(n_vision_layers=model.vision_args.n_layers)
@@ -354,12 +360,44 @@ def save(model, path, max_shard_size="5GB", dtype=None) -> Path:
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {n: fnames[shard_of[n]] for n in names}}
             (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
+            os.chmod(tmp / name, mode)
+            _fsync(tmp / name)
         _fsync(tmp / HF_CONFIG)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _tokenizer_files(tokenizer, args, temperature, top_p) -> dict[str, bytes]:
+    from llama4.tokenizer import Tokenizer, load_tokenizer
+    from llama4.tokenizer.hf_files import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, hf_tokenizer_files
+
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if tok.n_words > args.vocab_size:
+        raise ValueError(f"save(tokenizer=...): the tokenizer has {tok.n_words} tokens but the model's vocabulary "
+                         f"is only {args.vocab_size}")
+    return hf_tokenizer_files(tok, args.max_seq_len, DEFAULT_TEMPERATURE if temperature is None else temperature,
+                              DEFAULT_TOP_P if top_p is None else top_p)
+
+
+def _plain_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every ``torch.nn.utils.parametrize`` parametrization (e.g. LoRA
+    adapters, llama4.posttrain.lora) folded in: the weight the forward uses, under its plain name."""
+    from torch.nn.utils import parametrize
+
+    state = model.state_dict()
+    for path, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            pre = f"{path}." if path else ""
+            for name in list(mod.parametrizations):
+                for k in [k for k in state if k.startswith(f"{pre}parametrizations.{name}.")]:
+                    del state[k]
+                state[f"{pre}{name}"] = getattr(mod, name).detach()
+    return state
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:

@@ -147,7 +147,7 @@ class Llama4LM(TemplateLM):
     # --- generation ------------------------------------------------------------------------------
     def _generate_batch(self, prompts: list[list[int]], until: list[str], max_new: int, temperature: float,
                         top_p: float, top_k: int | None, seed: int | None) -> list[str]:
-        from llama4.infer.generate import generate_stream
+        from llama4.infer.generation import generate_stream
 
         ids: list[list[int]] = [[] for _ in prompts]
         ended = [False] * len(prompts)  # end of text or max_new reached

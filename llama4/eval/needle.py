@@ -227,7 +227,7 @@ def _depth_name(d: float) -> str:
 
 
 def _engine_responder(model, tok, prefill_chunk: int):
-    from llama4.infer.generate import generate
+    from llama4.infer.generation import generate
 
     def respond(prompts, max_tokens):
         outs = generate(model, prompts, max_tokens, stop=tok.stop_tokens, prefill_chunk=prefill_chunk)

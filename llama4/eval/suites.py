@@ -69,7 +69,7 @@ class EngineResponder:
 
     def __call__(self, dialogs: list[list[dict]]) -> list[str]:
         from llama4.eval.common import reply_text
-        from llama4.infer.generate import generate
+        from llama4.infer.generation import generate
         from llama4.tokenizer.chat_format import encode_dialog_prompt
 
         prompts = [encode_dialog_prompt(self.tok, list(d)) for d in dialogs]

@@ -7,12 +7,21 @@ import argparse
 import sys
 
 
+_FROM_MODEL = "default: the model's generation_config.json, else"
+
+
 def _sampling_args(sp: argparse.ArgumentParser, temperature: float) -> None:
+    # None = not given: the model folder's generation_config.json decides, then these fallbacks
+    sp.set_defaults(fallback_temperature=temperature)
     sp.add_argument("--model", required=True, help="model directory (HF layout, optional tokenizer.model)")
     sp.add_argument("--max-tokens", type=int, default=256, help="new tokens at most")
-    sp.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    sp.add_argument("--top-p", type=float, default=1.0)
-    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--temperature", type=float, default=None,
+                    help=f"0 = greedy ({_FROM_MODEL} {temperature:g})")
+    sp.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling ({_FROM_MODEL} 1.0)")
+    sp.add_argument("--top-k", type=int, default=None, help=f"({_FROM_MODEL} none)")
+    sp.add_argument("--stop-id", type=int, action="append", default=None, metavar="ID",
+                    help="a token id that ends generation (repeatable; default: the model's "
+                         "generation_config.json eos_token_id, else <|end_of_text|>, <|eom|>, <|eot|>)")
     sp.add_argument("--seed", type=int, default=None)
     sp.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     sp.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
@@ -23,22 +32,39 @@ def _sampling_args(sp: argparse.ArgumentParser, temperature: float) -> None:
 def _setup(a):
     import torch
 
-    from llama4.infer.model_dir import load_model_dir
+    from llama4.infer.model_dir import generation_defaults, load_model_dir
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    return load_model_dir(a.model, dtype=a.dtype, device=a.device)
+    model, tok, name = load_model_dir(a.model, dtype=a.dtype, device=a.device)
+    _apply_generation_defaults(a, generation_defaults(a.model), tok)
+    return model, tok, name
+
+
+def _apply_generation_defaults(a, cfg: dict, tok) -> None:
+    """Flags win; then the model's generation_config.json; then the command's fallbacks."""
+    if a.temperature is None:
+        a.temperature = cfg.get("temperature", a.fallback_temperature)
+    if a.top_p is None:
+        a.top_p = cfg.get("top_p", 1.0)
+    if a.top_k is None:
+        a.top_k = cfg.get("top_k")
+    stops = a.stop_id if a.stop_id is not None else cfg.get("stop", tok.stop_tokens)
+    bad = next((i for i in stops if not 0 <= i < tok.n_words), None)
+    if bad is not None:
+        raise ValueError(f"stop token id {bad} is outside the vocabulary [0, {tok.n_words})")
+    a.stop = list(stops)
 
 
 def _stream(model, tok, prompt: list[int], a, out, pixel_values=None) -> list[int]:
     """Generate and print text as it comes; returns the generated ids (stop token included)."""
     from llama4.infer.detok import TextStream
-    from llama4.infer.generate import generate_stream
+    from llama4.infer.generation import generate_stream
 
-    text = TextStream(tok, skip_ids=tok.stop_tokens)
+    text = TextStream(tok, skip_ids=a.stop)
     ids: list[int] = []
     for chunk in generate_stream(model, [prompt], a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed,
-                                 stop=tok.stop_tokens, sync_every=1, compile=a.compile,
+                                 stop=a.stop, sync_every=1, compile=a.compile,
                                  pixel_values=None if pixel_values is None else [pixel_values]):
         ids += chunk[0]
         out.write(text.push(chunk[0]))
@@ -123,7 +149,7 @@ def _chat(a) -> int:
             sys.stdout.write("assistant> ")
         ids = _stream(model, tok, prompt, a, sys.stdout, pixels)
         sys.stdout.write("\n")
-        reply = tok.decode([i for i in ids if i not in tok.stop_tokens])
+        reply = tok.decode([i for i in ids if i not in a.stop])
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -136,7 +162,8 @@ def _serve(a) -> int:
         torch.set_num_threads(a.threads)
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name,
           max_batch=a.max_batch, max_context=a.max_context, dtype=a.dtype, device=a.device,
-          default_max_tokens=a.default_max_tokens, log_level=a.log_level, compile=a.compile)
+          default_max_tokens=a.default_max_tokens, log_level=a.log_level, compile=a.compile,
+          temperature=a.temperature, top_p=a.top_p)
     return 0
 
 
@@ -157,7 +184,11 @@ def add_subparsers(sub) -> None:
                     help="an image shown with the first message (repeatable; later: /image PATH)")
     sp.set_defaults(func=_chat)
 
-    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    sp = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
+                        description="Chat completions stop at the model's generation_config.json eos_token_id "
+                                    "(else <|end_of_text|>, <|eom|>, <|eot|>); requests that set no temperature "
+                                    "or top_p get --temperature / --top-p, else the model's generation_config.json, "
+                                    "else 1.0.")
     sp.add_argument("--model", required=True, help="model directory")
     sp.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     sp.add_argument("--port", type=int, default=8000)
@@ -171,4 +202,8 @@ def add_subparsers(sub) -> None:
     sp.add_argument("--threads", type=int, default=None)
     sp.add_argument("--log-level", default="info")
     sp.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    sp.add_argument("--temperature", type=float, default=None,
+                    help=f"for requests that set none ({_FROM_MODEL} 1.0, OpenAI's)")
+    sp.add_argument("--top-p", type=float, default=None,
+                    help=f"for requests that set none ({_FROM_MODEL} 1.0)")
     sp.set_defaults(func=_serve)

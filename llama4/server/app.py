@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama4.infer.detok import TextStream
 from llama4.infer.engine import Engine
 from llama4.infer.sampling import SamplingParams
+from llama4.server import openapi
 from llama4.server import protocol as P
 from llama4.server import tokenize as T
 from llama4.server.errors import APIError, check_range, error_response, validation_error
@@ -45,10 +46,17 @@ class Server:
     """Holds the engine, the tokenizer and the limits; builds the responses."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-                 default_max_tokens: int = 512):
+                 default_max_tokens: int = 512, generation: dict | None = None):
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
+        # what a request that sets no temperature / top_p / top_k gets, and where chat stops
+        # (``llama4.infer.model_dir.generation_defaults``: the model's generation_config.json)
+        generation = generation or {}
+        self.default_temperature = float(generation.get("temperature", 1.0))
+        self.default_top_p = float(generation.get("top_p", 1.0))
+        self.default_top_k = generation.get("top_k")
+        self.chat_stops = list(generation.get("stop", tokenizer.stop_tokens))
         self.max_images = 8  # per request: Llama 4 was post-trained with up to 8 (LLAMA4.md Part A)
         # ids the tokenizer can decode and the model can read
         self.vocab = min(engine.model.args.vocab_size, tokenizer.n_words)
@@ -78,8 +86,9 @@ class Server:
         return value
 
     def _params(self, req: P._Sampling) -> SamplingParams:
-        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or None,
-                              seed=req.seed)
+        return SamplingParams(temperature=self.default_temperature if req.temperature is None else req.temperature,
+                              top_p=self.default_top_p if req.top_p is None else req.top_p,
+                              top_k=(self.default_top_k if req.top_k is None else req.top_k) or None, seed=req.seed)
 
     def _dialog(self, messages: list[P.ChatMessage]) -> list[dict]:
         out = []
@@ -251,7 +260,7 @@ class Server:
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(mt, len(prompt), param, "messages")
-        stops = self.tok.stop_tokens
+        stops = self.chat_stops
         gen = self._run([prompt], req.n, [max_tokens], self._params(req), stops, req.stop_strings,
                         pixel_values=pixels, hidden_ids=stops, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         shape = ChatShape(self.tok, self.model_name, req.n, bool(req.logprobs))
@@ -282,9 +291,10 @@ class Server:
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               default_max_tokens: int = 512, manage_engine: bool = True) -> FastAPI:
-    """The FastAPI app. With ``manage_engine`` the engine thread starts and stops with the app."""
-    srv = Server(engine, tokenizer, model_name, api_key, default_max_tokens)
+               default_max_tokens: int = 512, manage_engine: bool = True, generation: dict | None = None) -> FastAPI:
+    """The FastAPI app. With ``manage_engine`` the engine thread starts and stops with the app.
+    ``generation``: sampling defaults and chat stop ids (``generation_defaults`` of the model folder)."""
+    srv = Server(engine, tokenizer, model_name, api_key, default_max_tokens, generation)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -318,13 +328,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        msg, param, code = validation_error(exc)
+        msg, param, code = validation_error(exc, _required_fields(request))
         return error_response(400, msg, param, code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), None, code)
+        resp = error_response(exc.status_code, str(exc.detail), None, code)
+        resp.headers.update(exc.headers or {})  # 405 carries `Allow` (RFC 9110 15.5.6)
+        return resp
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
@@ -366,24 +378,40 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def detokenize(req: P.DetokenizeRequest):
         return T.detokenize(srv.tok, req)
 
+    openapi.document(app, srv.vocab, engine.max_context, hasattr(engine.model, "vision_args"),
+                     MAX_COMPLETION_LOGPROBS, MAX_CHAT_TOP_LOGPROBS)
     return app
+
+
+def _required_fields(request: HTTPRequest) -> list[str]:
+    """The required fields of the route's request body (to name them when the body is empty)."""
+    route = request.scope.get("route")
+    field = getattr(route, "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", {})
+    return [name for name, f in fields.items() if f.is_required()]
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 8, max_context: int | None = None,
           dtype: str | None = None, device: str | None = None, default_max_tokens: int = 512,
-          log_level: str = "info", compile: bool = False) -> None:
-    """Load ``model_dir`` and serve it until interrupted (binds loopback unless told otherwise)."""
+          log_level: str = "info", compile: bool = False, temperature: float | None = None,
+          top_p: float | None = None) -> None:
+    """Load ``model_dir`` and serve it until interrupted (binds loopback unless told otherwise).
+    Requests that set no temperature / top_p get ``temperature`` / ``top_p``, else the model's
+    generation_config.json, else 1.0."""
     import uvicorn
 
     from llama4.infer.engine import EngineConfig
-    from llama4.infer.model_dir import load_model_dir
+    from llama4.infer.model_dir import generation_defaults, load_model_dir
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use it", host)
     model, tok, name = load_model_dir(model_dir, dtype=dtype, device=device)
     engine = Engine(model, EngineConfig(max_batch=max_batch, max_context=max_context, compile=compile))
-    app = create_app(engine, tok, model_name or name, api_key, default_max_tokens)
+    generation = generation_defaults(model_dir)
+    generation.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
+    app = create_app(engine, tok, model_name or name, api_key, default_max_tokens, generation=generation)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

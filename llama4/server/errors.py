@@ -52,8 +52,10 @@ def _param(err: dict) -> str | None:
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
-def validation_error(exc: RequestValidationError) -> tuple[str, str | None, str]:
-    """(message, param, code) of a request body pydantic refused."""
+def validation_error(exc: RequestValidationError, required: tuple[str, ...] | list[str] = ()
+                     ) -> tuple[str, str | None, str]:
+    """(message, param, code) of a request body pydantic refused. ``required``: the body's
+    required fields, named when the whole body is missing."""
     errs = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errs):
         return "We could not parse the JSON body of your request: malformed JSON.", None, "invalid_json"
@@ -63,6 +65,12 @@ def validation_error(exc: RequestValidationError) -> tuple[str, str | None, str]
     param = _param(e)
     msg = e.get("msg", "invalid value")
     if e.get("type") == "missing":
+        if param is None:  # no body at all: every required field is missing; name them
+            if not required:
+                return "Missing request body.", None, "missing_required_parameter"
+            names = ", ".join(f"'{n}'" for n in required)
+            return (f"Missing required parameter: '{required[0]}' (the request body is empty; required: "
+                    f"{names})."), required[0], "missing_required_parameter"
         return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
     if len(errs) > 1:  # a union (prompt: string | strings | ids | lists of ids): every member's reason
         parts = [(_param(x) or "").split(".") for x in errs]

@@ -11,9 +11,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+def _json_number(v):
+    # JSON's types, as the OpenAPI schema states them: true is not the integer 1 and "5" is not 5,
+    # while 2.0 is an integer (JSON Schema); pydantic's lax mode would coerce the first two
+    if isinstance(v, (bool, str)):
+        raise ValueError(f"expected a number, got {type(v).__name__}")
+    return v
+
+
+def _json_bool(v):
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {type(v).__name__}")
+    return v
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_number)]
+JsonFloat = Annotated[float, BeforeValidator(_json_number)]
+JsonBool = Annotated[bool, BeforeValidator(_json_bool)]
 
 
 class _Req(BaseModel):
@@ -53,7 +72,7 @@ class ChatMessage(_Req):
 
 
 class StreamOptions(_Req):
-    include_usage: bool = False
+    include_usage: JsonBool = False
 
 
 def _stop_list(v):
@@ -68,16 +87,17 @@ def _stop_list(v):
 
 class _Sampling(_Req):
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # extension (vLLM-style)
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    # None: the server's default (the model's generation_config.json, else 1.0)
+    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: JsonFloat | None = Field(None, gt=0.0, le=1.0)
+    top_k: JsonInt | None = Field(None, ge=0)  # extension (vLLM-style)
+    n: JsonInt = Field(1, ge=1, le=16)
+    stream: JsonBool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: JsonInt | None = None
+    presence_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
 
     @field_validator("stop")
@@ -93,30 +113,30 @@ class _Sampling(_Req):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None  # 0..20, needs logprobs=true (checked in app.py)
+    max_tokens: JsonInt | None = None
+    max_completion_tokens: JsonInt | None = None
+    logprobs: JsonBool | None = None
+    top_logprobs: JsonInt | None = None  # 0..20, needs logprobs=true (checked in app.py)
     tools: list | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16  # 0 only with echo: score the prompt, generate nothing
-    echo: bool = False
-    logprobs: int | None = None  # 0..5 top tokens per position (checked in app.py)
+    prompt: Union[str, list[str], list[JsonInt], list[list[JsonInt]]]
+    max_tokens: JsonInt | None = 16  # 0 only with echo: score the prompt, generate nothing
+    echo: JsonBool = False
+    logprobs: JsonInt | None = None  # 0..5 top tokens per position (checked in app.py)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: JsonInt | None = None
 
 
 class TokenizeRequest(_Req):
     prompt: str
-    add_special_tokens: bool = True  # prepend <|begin_of_text|>, as a Hugging Face Llama tokenizer does
-    return_token_strs: bool = False
+    add_special_tokens: JsonBool = True  # prepend <|begin_of_text|>, as a Hugging Face Llama tokenizer does
+    return_token_strs: JsonBool = False
 
 
 class DetokenizeRequest(_Req):
-    tokens: list[int]
+    tokens: list[JsonInt]
 
 
 # --- responses -------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def expert_load(model, data_dir: Path, split: str, seq_len: int, n_windows: int,
 def samples(model, tokenizer, langs, max_new_tokens: int, seed: int = 0, temperature: float = 0.7,
             top_k: int = 40) -> list[dict]:
     """One continuation of :data:`PROMPTS` per language (sampled, seeded; stops at end of text)."""
-    from llama4.infer.generate import generate
+    from llama4.infer.generation import generate
 
     langs = [lang for lang in langs if lang in PROMPTS]
     prompts = [tokenizer.encode(PROMPTS[lang], bos=True) for lang in langs]

@@ -25,8 +25,10 @@ def export_final(model: Transformer, tok_path: Path, out: Path) -> Path:
     final = out / "final"
     staging = out / f".final-{uuid.uuid4().hex[:8]}"
     try:
-        llama4.save(model, staging)
-        shutil.copyfile(tok_path, staging / tok_path.name)
+        # weights + tokenizer.model + the HF tokenizer files and generation_config.json
+        llama4.save(model, staging, tokenizer=tok_path)
+        if not (staging / tok_path.name).exists():
+            shutil.copyfile(tok_path, staging / tok_path.name)
         old = None
         if final.exists():
             old = out / f".final-old-{uuid.uuid4().hex[:8]}"
