@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.posttrain.cli_sft import add_subparser as add_sft
     from llama4.posttrain.cli_dpo import add_subparser as add_dpo
     from llama4.posttrain.cli_rl import add_subparser as add_rl
+    from llama4.posttrain.cli_posttrain import add_subparser as add_posttrain
+    from llama4.arena.cli import add_subparser as add_arena
 
     add_tokenizer(sub)  # llama4 tokenizer train
     add_data(sub)  # llama4 data prepare
@@ -84,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sft(sub)  # llama4 sft
     add_dpo(sub)  # llama4 dpo
     add_rl(sub)  # llama4 rl
+    add_posttrain(sub)  # llama4 posttrain
+    add_arena(sub)  # llama4 arena / arena ratings / arena export / arena auto
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["metap"], ["sft"], ["dpo"], ["rl"]):
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["metap"], ["sft"], ["dpo"], ["rl"], ["posttrain"]):
         # Before anything imports torch: OpenMP reads its wait policy once, and spinning threads
         # run training 3-10x slower on a shared 2-core machine (PLATFORM.md). The environment wins.
         import os

@@ -44,4 +44,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     fi
     echo "$WANT" > "$STAMP"
 fi
+# The arena's browser test (tests/arena/test_browser.py) drives Debian's Chromium through
+# Playwright (never Playwright's own browser download). Installed when missing and apt-get can.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    step "install chromium"
+    AS=""; [ "$(id -u)" -ne 0 ] && AS="sudo -n"
+    { $AS apt-get install -y -qq chromium || { $AS apt-get update -qq && $AS apt-get install -y -qq chromium; }; } \
+        >/dev/null 2>&1 || echo "scripts/setup.sh: warning: could not install chromium (apt-get install -y chromium);" \
+        "tests/arena/test_browser.py fails until /usr/bin/chromium exists" >&2
+fi
 trap - ERR

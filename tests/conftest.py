@@ -12,3 +12,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def no_flush_denormal_leak():
+    # The trainers turn on flush-to-zero for speed, process-wide on this thread and inherited by
+    # threads it starts (a test server's): turn it off after each test, as a fresh process has it.
+    yield
+    torch.set_flush_denormal(False)

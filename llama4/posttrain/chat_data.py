@@ -36,11 +36,10 @@ import torch
 
 from llama4.tokenizer import Tokenizer
 from llama4.tokenizer.chat_format import encode_dialog
+from llama4.tokenizer.tool_calls import with_tools
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index, as TRL / HF use
 ROLES = ("system", "user", "assistant", "tool", "ipython")
-TOOLS_PREAMBLE = ("You have access to the following functions. To call a function, reply with a JSON object "
-                  '{"name": function name, "parameters": {argument: value}}.\n\n')
 
 
 @dataclass(frozen=True)
@@ -137,23 +136,6 @@ def task_conversations(names: Sequence[str], n_per_task: int, seed: int = 0, dif
 # tokenizing
 
 
-def with_tools(messages: Sequence[dict], tools: Sequence[dict] | None) -> list[dict]:
-    """The messages with the function schemas written into the system message (a new one first
-    when there is none), as Llama's JSON tool-calling prompt does."""
-    messages = [dict(m) for m in messages]
-    if not tools:
-        return messages
-    text = TOOLS_PREAMBLE + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    if messages and messages[0]["role"] == "system":
-        sys_content = messages[0].get("content") or ""
-        if isinstance(sys_content, list):
-            sys_content = "".join(p if isinstance(p, str) else p["text"] for p in sys_content)
-        messages[0]["content"] = f"{sys_content}\n\n{text}" if sys_content else text
-    else:
-        messages.insert(0, {"role": "system", "content": text})
-    return messages
-
-
 def tokenize_conversation(tok: Tokenizer, conv: Conversation | Sequence[dict],
                           tools: Sequence[dict] | None = None) -> tuple[list[int], list[bool]]:
     """``(ids, mask)``: the chat format's ids of the whole conversation and, per id, whether the
@@ -232,21 +214,36 @@ def fingerprint(examples: Sequence[tuple[list[int], list[int]]]) -> str:
 class SFTLoader:
     """Micro-batches of ``batch_size`` examples per rank from a seeded permutation of the examples,
     a new one per epoch. One global batch is ``batch_size * world_size`` consecutive examples of
-    that stream; rank r reads its r-th share. The position (epoch, offset) is checkpointed."""
+    that stream; rank r reads its r-th share. The position (epoch, offset) is checkpointed.
+
+    ``group_by_length`` (transformers' option of that name): the permutation is cut into groups of
+    50 global batches, each group is sorted by length and cut into global batches, and the batches
+    are shuffled; a batch then pads to a length near its rows' own, instead of to the longest
+    conversation of a random draw (several times less compute when lengths vary)."""
+
+    MEGA = 50  # global batches per length-sorted group, as transformers' LengthGroupedSampler
 
     def __init__(self, examples: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, group_by_length: bool = False):
         if not examples:
             raise ValueError("no SFT examples")
         self.examples, self.batch_size, self.pad_id, self.seed = list(examples), batch_size, pad_id, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.group_by_length = rank, world_size, group_by_length
         self.fingerprint = fingerprint(self.examples)
         self.epoch, self.offset = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        order = torch.randperm(len(self.examples), generator=g).tolist()
+        if not self.group_by_length:
+            return order
+        b = self.batch_size * self.world_size
+        batches = []
+        for lo in range(0, len(order), self.MEGA * b):
+            group = sorted(order[lo:lo + self.MEGA * b], key=lambda i: len(self.examples[i][0]), reverse=True)
+            batches += [group[j:j + b] for j in range(0, len(group), b)]
+        return [i for k in torch.randperm(len(batches), generator=g).tolist() for i in batches[k]]
 
     def _take(self, k: int) -> list[int]:
         out = []
@@ -271,13 +268,16 @@ class SFTLoader:
         # batch_size / world_size: the distributed checkpoint checks the global batch with them
         return {"epoch": self.epoch, "offset": self.offset, "fingerprint": self.fingerprint,
                 "n_examples": len(self.examples), "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "group_by_length": self.group_by_length}
 
     def load_state_dict(self, s: dict) -> None:
         if s["fingerprint"] != self.fingerprint or s["n_examples"] != len(self.examples):
             raise ValueError(f"--resume with different data: the checkpoint was trained on {s['n_examples']} "
                              f"examples (fingerprint {s['fingerprint']}), these are {len(self.examples)} "
                              f"({self.fingerprint}); resume with the original data")
+        if s.get("group_by_length", False) != self.group_by_length:
+            raise ValueError(f"--resume with group_by_length {self.group_by_length}, the checkpoint was trained with "
+                             f"{s.get('group_by_length', False)}: the batches would differ")
         self.seed, self.epoch, self.offset = s["seed"], s["epoch"], s["offset"]
         self._order = self._permutation(self.epoch)
 

@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from llama4.posttrain.cli_common import RUN_FLAGS, add_run_arguments, run_cli, run_overrides
 from llama4.posttrain.lora_args import add_lora_arguments, check_lora_args
 
 
 def _dpo(a: argparse.Namespace) -> int:
     check_lora_args(a)
     from llama4.posttrain.dpo import dpo
-    from llama4.train import TrainingDiverged
 
-    overrides = {}
-    for flag in ("device", "dtype", "threads", "checkpoint_every", "grad_accum"):
-        v = getattr(a, flag)
-        if v is not None:
-            overrides[flag] = v
-    if a.no_progress:
-        overrides["progress"] = False
-    try:
-        dpo(a.policy, a.pairs, a.out, ref=a.ref, beta=a.beta, max_steps=a.max_steps, lr=a.lr,
-            batch_size=a.batch_size, max_length=a.max_length, resume=a.resume, seed=a.seed, overrides=overrides,
-            lora=a)
-    except TrainingDiverged as e:
-        print(f"llama4 dpo: {e}", file=sys.stderr)
-        return 3
-    except FileExistsError as e:
-        print(f"llama4 dpo: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("dpo", lambda: dpo(
+        a.policy, a.pairs, a.out, ref=a.ref, beta=a.beta, max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size,
+        max_length=a.max_length, resume=a.resume, seed=a.seed, overrides=run_overrides(a, RUN_FLAGS + ("grad_accum",)),
+        lora=a))
 
 
 def add_subparser(subparsers) -> None:
@@ -52,12 +37,7 @@ def add_subparser(subparsers) -> None:
     s.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
     s.add_argument("--max-length", type=int, default=None,
                    help="longest prompt + completion in tokens (default: the policy's max_seq_len); longer is an error")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--seed", type=int, default=0, help="pair order seed")
-    s.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
-    s.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
-    s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"], help="autocast dtype")
-    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(s)
     add_lora_arguments(s)
     s.set_defaults(func=_dpo)

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from llama4.posttrain.cli_common import add_run_arguments, run_cli, run_overrides
 from llama4.posttrain.lora_args import add_lora_arguments, check_lora_args
 
 
 def _rl(a: argparse.Namespace) -> int:
     check_lora_args(a)
     from llama4.posttrain.rl import rl
-    from llama4.train import TrainingDiverged
 
-    overrides = {}
-    for flag in ("device", "dtype", "threads", "checkpoint_every"):
-        v = getattr(a, flag)
-        if v is not None:
-            overrides[flag] = v
-    if a.no_progress:
-        overrides["progress"] = False
-    try:
-        rl(a.policy, a.out, a.tasks, group_size=a.group_size, prompts_per_step=a.prompts_per_step,
+    return run_cli("rl", lambda: rl(a.policy, a.out, a.tasks, group_size=a.group_size, prompts_per_step=a.prompts_per_step,
            max_steps=a.max_steps, lr=a.lr, beta=a.beta, loss_type=a.loss_type, temperature=a.temperature,
            top_p=a.top_p, max_new_tokens=a.max_new_tokens, scale_rewards=a.scale_rewards, pool_size=a.pool_size,
            min_pass=a.min_pass, max_pass=a.max_pass, solved_at=a.solved_at, difficulty=a.difficulty,
-           reestimate_every=a.reestimate_every, resume=a.resume, seed=a.seed, overrides=overrides, lora=a)
-    except TrainingDiverged as e:
-        print(f"llama4 rl: {e}", file=sys.stderr)
-        return 3
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"llama4 rl: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+       reestimate_every=a.reestimate_every, resume=a.resume, seed=a.seed, overrides=run_overrides(a), lora=a))
 
 
 def add_subparser(subparsers) -> None:
@@ -66,12 +50,7 @@ def add_subparser(subparsers) -> None:
     s.add_argument("--difficulty", type=int, default=None, help="starting task difficulty (default the lowest)")
     s.add_argument("--reestimate-every", type=int, default=0,
                    help="steps between pass-rate re-estimation passes over the pool (default 0: off)")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--seed", type=int, default=0, help="prompt and sampling seed")
-    s.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
-    s.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
-    s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"], help="autocast dtype")
-    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(s)
     add_lora_arguments(s)
     s.set_defaults(func=_rl)

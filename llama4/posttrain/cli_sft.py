@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from llama4.posttrain.cli_common import RUN_FLAGS, add_run_arguments, run_cli, run_overrides
 from llama4.posttrain.lora_args import add_lora_arguments, check_lora_args
 
 
 def _sft(a: argparse.Namespace) -> int:
     check_lora_args(a)
     from llama4.posttrain.sft import sft
-    from llama4.train import TrainingDiverged
     from llama4.train.config import apply_overrides
 
-    overrides = {}
-    for flag, key in (("device", "device"), ("dtype", "dtype"), ("threads", "threads"),
-                      ("checkpoint_every", "checkpoint_every"), ("grad_accum", "grad_accum")):
-        v = getattr(a, flag)
-        if v is not None:
-            overrides[key] = v
-    if a.no_progress:
-        overrides["progress"] = False
+    overrides = run_overrides(a, RUN_FLAGS + ("grad_accum",))
     if a.set:  # checked against TrainConfig's fields and types (a typo names the field)
         from llama4.train.config import TrainConfig
 
@@ -37,17 +29,10 @@ def _sft(a: argparse.Namespace) -> int:
         from llama4.distributed import ParallelConfig
 
         parallel = ParallelConfig(dp=a.dp or -1, ep=a.ep or 1)
-    try:
-        sft(a.base, a.out, data=a.data, tasks=a.tasks, max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size,
-            seq_len=a.seq_len, resume=a.resume, seed=a.seed, n_per_task=a.n_per_task, difficulty=a.difficulty,
-            truncate=a.truncate, overrides=overrides, parallel=parallel, lora=a)
-    except TrainingDiverged as e:
-        print(f"llama4 sft: {e}", file=sys.stderr)
-        return 3
-    except FileExistsError as e:
-        print(f"llama4 sft: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("sft", lambda: sft(
+        a.base, a.out, data=a.data, tasks=a.tasks, max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size,
+        seq_len=a.seq_len, resume=a.resume, seed=a.seed, n_per_task=a.n_per_task, difficulty=a.difficulty,
+        truncate=a.truncate, group_by_length=a.group_by_length, overrides=overrides, parallel=parallel, lora=a))
 
 
 def add_subparser(subparsers) -> None:
@@ -69,15 +54,12 @@ def add_subparser(subparsers) -> None:
     s.add_argument("--seq-len", type=int, default=None,
                    help="longest conversation in tokens (default 512); longer ones are an error unless --truncate")
     s.add_argument("--truncate", action="store_true", help="cut conversations longer than --seq-len instead of failing")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--group-by-length", action="store_true",
+                   help="batch conversations of similar length (less padding; transformers' option of that name)")
     s.add_argument("--seed", type=int, default=0, help="data order (and task examples) seed")
     s.add_argument("--n-per-task", type=int, default=200, help="with --tasks: train examples per task")
     s.add_argument("--difficulty", type=int, default=1, help="with --tasks: task difficulty level")
-    s.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
-    s.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
-    s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"], help="autocast dtype")
-    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(s)
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override another TrainConfig field, e.g. --set warmup_steps=0 (repeatable)")
     s.add_argument("--dp", type=int, default=0,

@@ -52,11 +52,12 @@ def next_sft_batch(run):
 
 def sft(base, out, data=None, tasks=None, *, max_steps=None, lr=None, batch_size=None, seq_len=None,
         resume: bool = False, seed: int = 0, n_per_task: int = 200, difficulty: int = 1, truncate: bool = False,
-        overrides: dict | None = None, parallel=None, lora=None) -> dict:
+        group_by_length: bool = False, overrides: dict | None = None, parallel=None, lora=None) -> dict:
     """Fine-tune the model in ``base`` on ``data`` (a JSONL path) or ``tasks`` (task names) into
     ``out``. ``overrides`` sets any other TrainConfig field. ``parallel`` (a
     ``llama4.distributed.ParallelConfig``): run as this process's share of a torchrun job, with
-    ``batch_size`` per data rank, as ``llama4 train`` does. Returns the summary (``{}`` off rank 0)."""
+    ``batch_size`` per data rank, as ``llama4 train`` does. ``group_by_length``: batches of similar
+    lengths (:class:`~llama4.posttrain.chat_data.SFTLoader`). Returns the summary (``{}`` off rank 0)."""
     started = time.perf_counter()
     if (data is None) == (not tasks):
         raise ValueError("give exactly one of --data FILE.jsonl or --tasks NAME[,NAME]")
@@ -93,15 +94,18 @@ def sft(base, out, data=None, tasks=None, *, max_steps=None, lr=None, batch_size
 
         rt = Runtime(pick_device(cfg.device))
     try:
-        return _train(base_model, cfg, out, examples, source, rt, parallelize, resume, seed, started, lora)
+        return _train(base_model, cfg, out, examples, source, rt, parallelize, resume, seed, started, lora,
+                      group_by_length)
     finally:
         if drun is not None:
             drun.close()
 
 
-def _train(base_model, cfg, out, examples, source, rt, parallelize, resume, seed, started, lora=None) -> dict:
+def _train(base_model, cfg, out, examples, source, rt, parallelize, resume, seed, started, lora=None,
+           group_by_length=False) -> dict:
     tok = base_model.tokenizer
-    loader = SFTLoader(examples, cfg.batch_size, pad_id_of(tok), seed=seed, rank=rt.rank, world_size=rt.world_size)
+    loader = SFTLoader(examples, cfg.batch_size, pad_id_of(tok), seed=seed, rank=rt.rank, world_size=rt.world_size,
+                       group_by_length=group_by_length)
     run = build_stage_run(base_model, cfg, out, loader, resume=resume, runtime=rt, parallelize=parallelize,
                           lora=lora)
     n_tokens = sum(sum(y != IGNORE_INDEX for y in ys) for _, ys in examples)

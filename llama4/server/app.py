@@ -7,7 +7,8 @@ Every request goes to the shared :class:`~llama4.infer.engine.Engine`, which bat
 running (continuous batching); handlers only encode, wait on their own queue and decode. Chat and
 completions share one path (:meth:`Server._respond`): submit every choice, then either collect
 the choices into one response or stream their deltas as server-sent events; only the shape of
-the response (``shapes.py``) differs. Log-probabilities are computed on
+the response (``shapes.py``) differs; tools (``tools.py``) change the chat prompt and how a
+reply is read. Log-probabilities are computed on
 the engine thread (``Engine.submit(logprobs=, prompt_logprobs=)``). Every client error is a 4xx
 with OpenAI's error body ``{"error": {"message", "type", "param", "code"}}`` (``errors.py``).
 """
@@ -31,6 +32,7 @@ from llama4.infer.sampling import SamplingParams
 from llama4.server import openapi
 from llama4.server import protocol as P
 from llama4.server import tokenize as T
+from llama4.server import tools as TL
 from llama4.server.errors import APIError, check_range, error_response, validation_error
 from llama4.server.logprobs import GeneratedTokens
 from llama4.server.shapes import ChatShape, Choice, CompletionShape
@@ -102,7 +104,11 @@ class Server:
                            {"type": "image_url", "image_url": p.image_url.url if isinstance(p.image_url, P.ImageURL)
                             else p.image_url or ""} for p in content]
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": content if content is not None else ""})
+            msg = {"role": role, "content": content if content is not None else ""}
+            if m.tool_calls:  # checked by tools.check_messages: arguments are JSON objects
+                msg["tool_calls"] = [{"id": tc.id, "type": "function", "function": {
+                    "name": tc.function.name, "arguments": tc.function.arguments}} for tc in m.tool_calls]
+            out.append(msg)
         return out
 
     def _image_prompt(self, dialog: list[dict]):
@@ -242,13 +248,13 @@ class Server:
     # --- the two routes ------------------------------------------------------------------------
     async def chat(self, req: P.ChatCompletionRequest):
         self._check_common(req)
-        if req.tools:
-            raise APIError(400, "tools are not supported by this server.", "tools", "unsupported_parameter")
+        tools = TL.plan_tools(req)
+        TL.check_messages(req.messages)
         check_range(req.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS, "top_logprobs")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "Invalid 'top_logprobs': 'logprobs' must be set to true when 'top_logprobs' is "
                            "used.", "top_logprobs", "invalid_value")
-        dialog, pixels = self._dialog(req.messages), None
+        dialog, pixels = tools.render(self._dialog(req.messages)), None
         try:
             if any(isinstance(m["content"], list) and any(p["type"] == "image_url" for p in m["content"])
                    for m in dialog):
@@ -257,13 +263,14 @@ class Server:
                 prompt = encode_dialog_prompt(self.tok, dialog)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
+        prompt = list(prompt) + self.tok.encode(tools.prefill)  # tool_choice "required" / named
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(mt, len(prompt), param, "messages")
         stops = self.chat_stops
         gen = self._run([prompt], req.n, [max_tokens], self._params(req), stops, req.stop_strings,
                         pixel_values=pixels, hidden_ids=stops, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        shape = ChatShape(self.tok, self.model_name, req.n, bool(req.logprobs))
+        shape = ChatShape(self.tok, self.model_name, req.n, bool(req.logprobs), tools)
         return await self._respond(shape, gen, req.stream, bool(req.stream_options and req.stream_options.include_usage))
 
     async def completions(self, req: P.CompletionRequest):

@@ -2,8 +2,10 @@
 
 Requests validate types and ranges here; anything that fails becomes a 400 with an OpenAI-style
 error body (``errors.py``). Unknown extra fields are ignored, as OpenAI clients send fields we do
-not use; fields we cannot honour (``tools``, penalties, ``best_of``, images on a text model) are
-rejected explicitly rather than silently ignored. The tokenizer routes (``/tokenize``,
+not use; fields we cannot honour (penalties, ``best_of``, images on a text model) are rejected explicitly
+rather than silently ignored. Tools follow OpenAI's shapes (``tools``, ``tool_choice``, assistant
+``tool_calls``, ``tool`` messages with ``tool_call_id``); ``server/tools.py`` checks what depends on
+more than one field and maps them onto Llama 4's tool format. The tokenizer routes (``/tokenize``,
 ``/detokenize``, ``/tokenizer_info``) follow vLLM's, which lm-eval's remote tokenizer reads.
 """
 
@@ -13,7 +15,8 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator,
+                      model_serializer, model_validator)
 
 
 def _json_number(v):
@@ -65,10 +68,59 @@ class ImagePart(_Req):
     image_url: Union[ImageURL, str, None] = None  # a base64 data: URL (nothing is fetched)
 
 
+class FunctionCall(_Req):
+    name: str
+    arguments: str  # a JSON object, as text (checked in server/tools.py)
+
+
+class ToolCall(_Req):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[Union[TextPart, ImagePart]], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages only: the call this result answers
+
+
+class FunctionDef(_Req):
+    name: str = Field(min_length=1, max_length=64)  # the prompt holds it as JSON: any text will do
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments
+    strict: JsonBool | None = None
+
+
+class Tool(_Req):
+    type: Literal["function"]
+    function: FunctionDef
+    # the object as the client sent it: the prompt renders it verbatim (key order included), as
+    # the SFT data renders its "tools"
+    _raw: dict = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw(cls, data, handler):
+        tool = handler(data)
+        if isinstance(data, dict):
+            tool._raw = data
+        return tool
+
+    @property
+    def raw(self) -> dict:
+        return self._raw or self.model_dump(exclude_none=True)
+
+
+class FunctionName(_Req):
+    name: str
+
+
+class NamedToolChoice(_Req):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Req):
@@ -88,9 +140,11 @@ def _stop_list(v):
 class _Sampling(_Req):
     model: str
     # None: the server's default (the model's generation_config.json, else 1.0)
-    temperature: JsonFloat | None = Field(None, ge=0.0, le=2.0)
-    top_p: JsonFloat | None = Field(None, gt=0.0, le=1.0)
-    top_k: JsonInt | None = Field(None, ge=0)  # extension (vLLM-style)
+    # bounds before the validator, or pydantic writes an optional field's bounds into the schema as
+    # "gt"/"le" (not JSON Schema) and schema-driven clients send values the server refuses
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), BeforeValidator(_json_number)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0), BeforeValidator(_json_number)] | None = None
+    top_k: Annotated[int, Field(ge=0), BeforeValidator(_json_number)] | None = None  # extension (vLLM-style)
     n: JsonInt = Field(1, ge=1, le=16)
     stream: JsonBool = False
     stream_options: StreamOptions | None = None
@@ -117,7 +171,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: JsonInt | None = None
     logprobs: JsonBool | None = None
     top_logprobs: JsonInt | None = None  # 0..20, needs logprobs=true (checked in app.py)
-    tools: list | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: JsonBool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -155,9 +211,25 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+def _without_none(handler, obj, keys) -> dict:
+    out = handler(obj)
+    return {k: v for k, v in out.items() if not (k in keys and v is None)}
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler):  # no "tool_calls" key on a reply without calls, as OpenAI's
+        return _without_none(handler, self, ("tool_calls",))
 
 
 class TopLogprob(BaseModel):
@@ -198,9 +270,36 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler):
+        return _without_none(handler, self, ("name", "arguments"))
+
+
+class DeltaToolCall(BaseModel):
+    """One piece of a streamed call: the first carries index, id, type and the name; the
+    next ones the index and pieces of the arguments (OpenAI's stream)."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler):
+        return _without_none(handler, self, ("id", "type"))
+
+
 class Delta(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _ser(self, handler):
+        return _without_none(handler, self, ("tool_calls",))
 
 
 class ChatChunkChoice(BaseModel):

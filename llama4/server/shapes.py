@@ -3,7 +3,9 @@
 ``Server._respond`` (app.py) drives both the same way: ``response(choices, usage)`` when the
 choices are collected, or ``opening()``, then ``chunks(choice, delta, finished)`` per engine
 event, then ``usage_chunk(usage)`` when streamed. Log-probabilities go with the text they
-belong to: each generated token's entry is sent once, in the chunk that releases its text.
+belong to: each generated token's entry is sent once, in the chunk that releases its text. A
+chat reply that is a tool call (``tools.py``) becomes ``tool_calls`` (``delta.tool_calls``,
+streamed) with ``finish_reason`` ``"tool_calls"``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from llama4.infer.detok import TextStream
 from llama4.server import protocol as P
 from llama4.server.logprobs import GeneratedTokens, chat_logprobs, completion_logprobs, prompt_entries
+from llama4.server.tools import CallStream, ToolPlan
 
 
 class Choice:
@@ -31,8 +34,10 @@ class Choice:
 class ChatShape:
     """Chat responses: ``message`` when collected, ``delta`` chunks when streamed."""
 
-    def __init__(self, tok, model_name: str, n: int, logprobs: bool):
+    def __init__(self, tok, model_name: str, n: int, logprobs: bool, tools: ToolPlan | None = None):
         self.tok, self.model, self.n, self.logprobs = tok, model_name, n, logprobs
+        self.tools = tools or ToolPlan()
+        self.calls: dict[int, CallStream] = {}  # per streamed choice
         self.id, self.created = P.new_id("chatcmpl"), P.now()
 
     def _logprobs(self, c: Choice, final: bool) -> P.ChatLogprobs | None:
@@ -43,8 +48,12 @@ class ChatShape:
         return chat_logprobs(self.tok, [c.tokens.ids[i] for i in idx], [c.req.output_scores[i] for i in idx])
 
     def response(self, choices: list[Choice], usage: P.Usage) -> P.ChatCompletion:
-        out = [P.ChatChoice(index=c.index, message=P.AssistantMessage(content=c.text), finish_reason=c.finish,
-                            logprobs=self._logprobs(c, True)) for c in choices]
+        out = []
+        for c in choices:
+            content, calls = self.tools.reply(c.text)
+            message = P.AssistantMessage(content=content, tool_calls=calls or None)
+            out.append(P.ChatChoice(index=c.index, message=message, finish_reason="tool_calls" if calls else c.finish,
+                                    logprobs=self._logprobs(c, True)))
         return P.ChatCompletion(id=self.id, created=self.created, model=self.model, choices=out, usage=usage)
 
     def _chunk(self, choices=(), usage=None) -> str:
@@ -58,10 +67,22 @@ class ChatShape:
     def chunks(self, c: Choice, delta: str, finished: bool) -> list[str]:
         out = []
         lp = self._logprobs(c, finished)
+        calls = self.calls.setdefault(c.index, CallStream(self.tools))
+        delta, tool_calls = calls.push(delta), []
+        if finished:
+            rest, tool_calls = calls.finish()
+            delta += rest
         if delta or (lp is not None and lp.content):
             out.append(self._chunk([P.ChatChunkChoice(index=c.index, delta=P.Delta(content=delta), logprobs=lp)]))
+        for k, tc in enumerate(tool_calls):  # OpenAI's order: the call's name first, then its arguments
+            head = P.DeltaToolCall(index=k, id=tc.id, type="function",
+                                   function=P.DeltaFunction(name=tc.function.name, arguments=""))
+            args = P.DeltaToolCall(index=k, function=P.DeltaFunction(arguments=tc.function.arguments))
+            out += [self._chunk([P.ChatChunkChoice(index=c.index, delta=P.Delta(tool_calls=[d]))])
+                    for d in (head, args)]
         if finished:
-            out.append(self._chunk([P.ChatChunkChoice(index=c.index, delta=P.Delta(), finish_reason=c.finish)]))
+            finish = "tool_calls" if tool_calls else c.finish
+            out.append(self._chunk([P.ChatChunkChoice(index=c.index, delta=P.Delta(), finish_reason=finish)]))
         return out
 
     def usage_chunk(self, usage: P.Usage) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
-from typing import Any
+from typing import Any, Sequence
 
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
 TOOL_PROMPT_FORMATS = ("json", "function_tag", "python_list")
@@ -73,6 +73,26 @@ def _python_list_calls(text: str) -> list[tuple[str, dict]] | None:
     return calls
 
 
+def _json_call_sequence(text: str) -> list[tuple[str, dict]] | None:
+    """Several JSON calls one after the other (what :func:`encode_tool_call` writes for an
+    assistant turn with several calls; Meta's parser reads only a single object); None unless
+    the whole text is two or more such objects."""
+    decoder, calls, pos = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while pos < len(text):
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return None
+        if not (isinstance(obj, dict) and "name" in obj and "parameters" in obj):
+            return None
+        calls.append((obj["name"], obj["parameters"]))
+        pos = end
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return calls if len(calls) > 1 else None
+
+
 def _custom_calls(text: str) -> list[tuple[str, dict]] | None:
     m = _FUNCTION_TAG.search(text)
     if m:
@@ -84,6 +104,9 @@ def _custom_calls(text: str) -> list[tuple[str, dict]] | None:
         obj = json.loads(text)
     except json.JSONDecodeError:
         obj = None
+        several = _json_call_sequence(text)
+        if several is not None:
+            return several
     if isinstance(obj, dict):
         is_call = obj.get("type") == "function" or "name" in obj
         if is_call and "name" in obj and "parameters" in obj:
@@ -95,7 +118,8 @@ def _custom_calls(text: str) -> list[tuple[str, dict]] | None:
 def parse_tool_calls(content: str, ipython: bool) -> list[tuple[str, dict]]:
     """Tool calls in a generated assistant text, as Meta's ``decode_assistant_message`` finds
     them; ``ipython`` says the text was inside ``<|python_start|>``. Meta keeps only the first
-    call of a python list; we keep them all."""
+    call of a python list, and reads no call in several JSON objects one after the other (what an
+    assistant turn with several calls encodes to); we keep them all."""
     custom = _custom_calls(content)
     if custom is not None:
         out = []
@@ -111,3 +135,26 @@ def parse_tool_calls(content: str, ipython: bool) -> list[tuple[str, dict]]:
     if ipython:
         return [("code_interpreter", {"code": content})]
     return []
+
+
+# How a conversation offers functions to the model (Llama 4 JSON tool calling): the schemas in the
+# system message. SFT data (llama4/posttrain) and the server (llama4/server/tools.py) both use it.
+TOOLS_PREAMBLE = ("You have access to the following functions. To call a function, reply with a JSON object "
+                  '{"name": function name, "parameters": {argument: value}}.\n\n')
+
+
+def with_tools(messages: Sequence[dict], tools: Sequence[dict] | None) -> list[dict]:
+    """The messages with the function schemas written into the system message (a new one first
+    when there is none), as Llama's JSON tool-calling prompt does."""
+    messages = [dict(m) for m in messages]
+    if not tools:
+        return messages
+    text = TOOLS_PREAMBLE + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    if messages and messages[0]["role"] == "system":
+        sys_content = messages[0].get("content") or ""
+        if isinstance(sys_content, list):
+            sys_content = "".join(p if isinstance(p, str) else p["text"] for p in sys_content)
+        messages[0]["content"] = f"{sys_content}\n\n{text}" if sys_content else text
+    else:
+        messages.insert(0, {"role": "system", "content": text})
+    return messages

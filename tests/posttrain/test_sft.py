@@ -142,6 +142,31 @@ def test_loader_covers_every_example_each_epoch_and_resumes(tok):
         SFTLoader(examples[:4], batch_size=2, pad_id=0, seed=3).load_state_dict(b.state_dict())
 
 
+def test_group_by_length_pads_less_and_still_covers_every_example():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.choice([8, 9, 10, 60, 200]) for _ in range(400)]
+    examples = [([i] * n, [i] * n) for i, n in enumerate(lengths)]
+
+    def epoch(loader):
+        batches = [loader.next_batch() for _ in range(len(examples) // 8)]
+        ids = [int(b.inputs[r, 0]) for b in batches for r in range(b.inputs.shape[0])]
+        return ids, sum(b.inputs.numel() for b in batches)
+
+    plain_ids, plain_cells = epoch(SFTLoader(examples, batch_size=8, pad_id=0, seed=1))
+    grouped = SFTLoader(examples, batch_size=8, pad_id=0, seed=1, group_by_length=True)
+    ids, cells = epoch(grouped)
+    assert sorted(ids) == sorted(plain_ids) == list(range(400))  # one epoch: every example once
+    assert cells < plain_cells / 2, (cells, plain_cells)  # padding compute at least halved
+    assert ids != sorted(ids, key=lambda i: -lengths[i])  # the batches are shuffled, not longest-first
+    again = SFTLoader(examples, batch_size=8, pad_id=0, seed=1, group_by_length=True)
+    again.load_state_dict(grouped.state_dict())
+    assert torch.equal(again.next_batch().inputs, grouped.next_batch().inputs)
+    with pytest.raises(ValueError, match="group_by_length"):
+        SFTLoader(examples, batch_size=8, pad_id=0, seed=1).load_state_dict(grouped.state_dict())
+
+
 def test_tiny_sft_memorises_and_exports(base, tok, tmp_path):
     out = tmp_path / "sft"
     summary = sft(base, out, data=facts_jsonl(tmp_path / "d.jsonl"), max_steps=40, lr=3e-3, batch_size=4,

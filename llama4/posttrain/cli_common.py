@@ -1,0 +1,44 @@
+"""What the post-training commands share on the command line (no torch import): the run flags
+every stage takes, their TrainConfig overrides, and the exit codes (2 bad input, 3 diverged)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+RUN_FLAGS = ("device", "dtype", "threads", "checkpoint_every")
+
+
+def add_run_arguments(s: argparse.ArgumentParser) -> None:
+    """--resume, --checkpoint-every, --device, --dtype, --threads, --no-progress."""
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
+    s.add_argument("--device", default=None, help="auto (default), cpu, cuda, ...")
+    s.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"], help="autocast dtype")
+    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_overrides(a: argparse.Namespace, flags=RUN_FLAGS) -> dict:
+    """The TrainConfig fields the given flags set (those left at None keep the stage's default)."""
+    out = {f: getattr(a, f) for f in flags if getattr(a, f, None) is not None}
+    if a.no_progress:
+        out["progress"] = False
+    return out
+
+
+def run_cli(command: str, work: Callable[[], object]) -> int:
+    """Run a stage; a diverged run exits 3, an --out that holds another run 2 (``llama4.cli.main``
+    turns ValueError / FileNotFoundError into exit 2 with the message)."""
+    from llama4.train import TrainingDiverged
+
+    try:
+        work()
+    except TrainingDiverged as e:
+        print(f"llama4 {command}: {e}", file=sys.stderr)
+        return 3
+    except FileExistsError as e:
+        print(f"llama4 {command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
