@@ -52,13 +52,19 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(engine, tok, name: str, **app_kw):
     """``create_app(engine, tok, name, **app_kw)`` served on a free loopback port; yields its URL."""
-    import uvicorn
-
     from llama4.server import create_app
 
+    with serving_app(create_app(engine, tok, name, **app_kw)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving_app(app):
+    """Any ASGI ``app`` served by uvicorn in a thread on a free loopback port; yields its URL."""
+    import uvicorn
+
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, tok, name, **app_kw), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
     try:

@@ -4,8 +4,8 @@ every stage takes, their TrainConfig overrides, and the exit codes (2 bad input,
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable
+
+from llama4.train.cli import run_cli  # noqa: F401  (the stage commands' exit codes, as `llama4 train`)
 
 RUN_FLAGS = ("device", "dtype", "threads", "checkpoint_every")
 
@@ -26,19 +26,3 @@ def run_overrides(a: argparse.Namespace, flags=RUN_FLAGS) -> dict:
     if a.no_progress:
         out["progress"] = False
     return out
-
-
-def run_cli(command: str, work: Callable[[], object]) -> int:
-    """Run a stage; a diverged run exits 3, an --out that holds another run 2 (``llama4.cli.main``
-    turns ValueError / FileNotFoundError into exit 2 with the message)."""
-    from llama4.train import TrainingDiverged
-
-    try:
-        work()
-    except TrainingDiverged as e:
-        print(f"llama4 {command}: {e}", file=sys.stderr)
-        return 3
-    except FileExistsError as e:
-        print(f"llama4 {command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -143,11 +143,15 @@ def tokenize_pair(tok: Tokenizer, pair: Pair, max_length: int | None = None) -> 
     return t
 
 
-def pair_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> CompletionBatch:
+def pair_batch(pairs: Sequence[TokenizedPair], pad_id: int, width: int | None = None) -> CompletionBatch:
     """``[chosen; rejected]`` rows (the first half chosen), right-padded: one forward for both."""
     prompts = [p.prompt_ids for p in pairs] * 2
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    return pad_completions(prompts, completions, pad_id)
+    return pad_completions(prompts, completions, pad_id, width)
+
+
+def _pair_length(p: TokenizedPair) -> int:
+    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +215,10 @@ class PairLoader:
         o = self._order
         idx = o._take(o.batch_size * o.world_size)
         mine = idx[o.rank * o.batch_size:(o.rank + 1) * o.batch_size]
-        return DPOBatch(pair_batch([self.pairs[i] for i in mine], self.pad_id), self.ref[mine])
+        # every rank pads to the global batch's longest row, as one process reading it all would
+        # (the padding passes through the MoE router, so it counts in the balance loss)
+        width = max(_pair_length(self.pairs[i]) for i in idx)
+        return DPOBatch(pair_batch([self.pairs[i] for i in mine], self.pad_id, width), self.ref[mine])
 
     def state_dict(self) -> dict:
         return self._order.state_dict()
@@ -239,9 +246,11 @@ def _fingerprint(path: Path) -> str:
 
 def dpo(policy, pairs, out, *, ref=None, beta: float = 0.1, max_steps=None, lr=None, batch_size=None,
         max_length: int | None = None, resume: bool = False, seed: int = 0, overrides: dict | None = None,
-        runtime=None, parallelize=None, lora=None) -> dict:
+        runtime=None, parallelize=None, lora=None, parallel=None) -> dict:
     """DPO-train the model in ``policy`` on the preference pairs in ``pairs`` (JSONL) into ``out``.
-    ``ref`` is the reference model directory (default: the policy itself). Returns the summary."""
+    ``ref`` is the reference model directory (default: the policy itself). ``parallel`` (a
+    ``llama4.distributed.ParallelConfig``): run as this process's share of a torchrun job with
+    ``batch_size`` pairs per data rank, as ``llama4 sft`` does. Returns the summary (``{}`` off rank 0)."""
     started = time.perf_counter()
     if not beta > 0:
         raise ValueError(f"--beta must be > 0, got {beta}")
@@ -261,6 +270,21 @@ def dpo(policy, pairs, out, *, ref=None, beta: float = 0.1, max_steps=None, lr=N
     tokenized = [tokenize_pair(tok, p, limit) for p in records]
     fields.setdefault("seq_len", limit)
     cfg = stage_config(base, "dpo", **fields)
+    drun = None
+    if parallel is not None:
+        from llama4.distributed.run import distributed_run
+
+        drun = distributed_run(cfg, parallel)
+        runtime, parallelize = drun.runtime(), drun.parallelize
+    try:
+        return _train(base, cfg, out, tokenized, pairs, ref, beta, resume, seed, started, runtime, parallelize, lora)
+    finally:
+        if drun is not None:
+            drun.close()
+
+
+def _train(base, cfg, out, tokenized, pairs, ref, beta, resume, seed, started, runtime, parallelize, lora) -> dict:
+    tok = base.tokenizer
     pad = pad_id_of(tok)
     rt = runtime
     if rt is None:

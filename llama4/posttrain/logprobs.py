@@ -30,11 +30,11 @@ class CompletionBatch:
 
 
 def pad_completions(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                    pad_id: int) -> CompletionBatch:
-    """Rows ``prompt + completion``, right-padded with ``pad_id`` to the longest."""
+                    pad_id: int, width: int | None = None) -> CompletionBatch:
+    """Rows ``prompt + completion``, right-padded with ``pad_id`` to ``width`` (default: the longest)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    width = width or max(len(p) + len(c) for p, c in zip(prompts, completions))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable
 
 
 def _train(a: argparse.Namespace) -> int:
     from llama4.recipes import get_recipe
-    from llama4.train import TrainingDiverged, apply_overrides, train
+    from llama4.train import apply_overrides, train
 
     cfg = get_recipe(a.recipe)
     sets = list(a.set or [])
@@ -27,20 +28,27 @@ def _train(a: argparse.Namespace) -> int:
     if a.metap:
         sets = _metap_overrides(a.metap) + sets  # explicit --set still wins
     cfg = apply_overrides(cfg, sets)
-    try:
-        if "WORLD_SIZE" in os.environ or a.dp or a.ep or a.tp or a.dp_replicate:  # torchrun / a layout given
-            from llama4.distributed import ParallelConfig
-            from llama4.distributed.run import train_distributed
+    if "WORLD_SIZE" in os.environ or a.dp or a.ep or a.tp or a.dp_replicate:  # torchrun / a layout given
+        from llama4.distributed import ParallelConfig
+        from llama4.distributed.run import train_distributed
 
-            layout = ParallelConfig(dp=a.dp or -1, dp_replicate=a.dp_replicate or -1, ep=a.ep or 1, tp=a.tp or 1)
-            train_distributed(cfg, a.out, resume=a.resume, parallel=layout)
-        else:
-            train(cfg, a.out, resume=a.resume)
+        layout = ParallelConfig(dp=a.dp or -1, dp_replicate=a.dp_replicate or -1, ep=a.ep or 1, tp=a.tp or 1)
+        return run_cli("train", lambda: train_distributed(cfg, a.out, resume=a.resume, parallel=layout))
+    return run_cli("train", lambda: train(cfg, a.out, resume=a.resume))
+
+
+def run_cli(command: str, work: Callable[[], object]) -> int:
+    """Run a training command's work; a diverged run exits 3, an --out that holds another run 2
+    (``llama4.cli.main`` turns ValueError / FileNotFoundError into exit 2 with the message)."""
+    from llama4.train import TrainingDiverged
+
+    try:
+        work()
     except TrainingDiverged as e:
-        print(f"llama4 train: {e}", file=sys.stderr)
+        print(f"llama4 {command}: {e}", file=sys.stderr)
         return 3
     except FileExistsError as e:
-        print(f"llama4 train: error: {e}", file=sys.stderr)
+        print(f"llama4 {command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

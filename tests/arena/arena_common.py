@@ -7,9 +7,6 @@ one module name; tests/arena/ is on sys.path for the files in it.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +14,7 @@ import torch
 import llama4
 from llama4.model import Transformer
 from llama4.tokenizer.files import write_tiktoken_bpe
-from serving import free_port, tiny_args
+from serving import serving_app, tiny_args  # noqa: F401  (serving_app: re-exported for the arena tests)
 
 
 def write_model(d: Path, seed: int = 0) -> Path:
@@ -48,26 +45,6 @@ class ScriptedContestant:
         for i in range(0, len(self.reply), step):
             await asyncio.sleep(self.delay)
             yield self.reply[i:i + step]
-
-
-@contextlib.contextmanager
-def serving_app(app):
-    """``app`` served by uvicorn in a thread on a free loopback port; yields its URL."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not srv.started:
-            assert time.monotonic() < deadline and th.is_alive(), "arena server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        th.join(timeout=30)
 
 
 def sse_events(response) -> list[dict]:

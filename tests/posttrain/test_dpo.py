@@ -341,3 +341,42 @@ def test_explicit_reference_model(model_dir, tmp_path, capsys):
     assert abs(first["same"]["rewards/margins"]) < 1e-5
     assert abs(first["other"]["rewards/margins"]) > 1e-3
     assert json.loads((tmp_path / "other" / "summary.json").read_text())["reference"] == str(other.resolve())
+
+
+@pytest.mark.slow  # a torchrun of 2 processes, ~20 s on one thread
+def test_two_processes_reproduce_one(model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m llama4 dpo ... --dp 2` (FSDP2, gloo on CPU) follows the
+    single-process run over 5 steps: 2 pairs per rank = the 4 pairs one process reads."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from llama4.train.log import read_metrics
+
+    extra = {"prompt": [{"role": "user", "content": "Name a colour."}],
+             "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "No."}]}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS + [extra])
+    common = ["dpo", "--policy", model_dir, "--pairs", pairs, "--max-steps", 5, "--lr", 3e-4, "--no-progress",
+              "--threads", 1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "llama4", *map(str, common), "--batch-size", "4", "--out",
+                        str(tmp_path / "one")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(port), "-m", "llama4", *map(str, common), "--batch-size", "2",
+                        "--dp", "2", "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    keys = ("step", "loss", "grad_norm", "rewards/margins")
+    one, two = ([tuple(r[k] for k in keys) for r in read_metrics(tmp_path / d) if "event" not in r]
+                for d in ("one", "two"))
+    assert [r[0] for r in two] == [r[0] for r in one] == [1, 2, 3, 4, 5]
+    assert one[-1][3] > one[0][3]  # it learned something worth comparing
+    for a, b in zip(one, two):
+        assert all(abs(x - y) < 1e-4 * max(1.0, abs(x)) for x, y in zip(a[1:], b[1:])), (a, b)
+    wa, wb = llama4.load(tmp_path / "one" / "final").state_dict(), llama4.load(tmp_path / "two" / "final").state_dict()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
