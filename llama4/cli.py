@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.posttrain.cli_rl import add_subparser as add_rl
     from llama4.posttrain.cli_posttrain import add_subparser as add_posttrain
     from llama4.arena.cli import add_subparser as add_arena
+    from llama4.quant.cli import add_subparser as add_quantize
 
     add_tokenizer(sub)  # llama4 tokenizer train
     add_data(sub)  # llama4 data prepare
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rl(sub)  # llama4 rl
     add_posttrain(sub)  # llama4 posttrain
     add_arena(sub)  # llama4 arena / arena ratings / arena export / arena auto
+    add_quantize(sub)  # llama4 quantize
     return p
 
 

@@ -139,6 +139,10 @@ def load_hf(path, dtype=None, device=None) -> Transformer | MultimodalTransforme
     device = torch.device(device) if device is not None else torch.device("cpu")
     cfg_file = path / HF_CONFIG
     cfg = _read_json(cfg_file)
+    if isinstance(cfg, dict) and cfg.get("quantization_config") is not None:
+        from llama4.quant.checkpoint import load_quantized  # weights written by `llama4 quantize`
+
+        return load_quantized(path, cfg, dtype, device)
     text = hf.args_from_hf_config(cfg, str(cfg_file))
     vision = hf_vision.vision_args_from_hf_config(cfg, str(cfg_file))
     files = SafetensorsSet(path)

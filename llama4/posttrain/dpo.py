@@ -215,8 +215,8 @@ class PairLoader:
         o = self._order
         idx = o._take(o.batch_size * o.world_size)
         mine = idx[o.rank * o.batch_size:(o.rank + 1) * o.batch_size]
-        # every rank pads to the global batch's longest row, as one process reading it all would
-        # (the padding passes through the MoE router, so it counts in the balance loss)
+        # every rank pads to the global batch's longest pair: the shapes and padded positions of one
+        # process reading it all (the padding passes through the MoE router and counts in its load)
         width = max(_pair_length(self.pairs[i]) for i in idx)
         return DPOBatch(pair_batch([self.pairs[i] for i in mine], self.pad_id, width), self.ref[mine])
 

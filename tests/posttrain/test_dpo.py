@@ -344,9 +344,10 @@ def test_explicit_reference_model(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow  # a torchrun of 2 processes, ~20 s on one thread
-def test_two_processes_reproduce_one(model_dir, tmp_path):
-    """`torchrun --nproc_per_node 2 -m llama4 dpo ... --dp 2` (FSDP2, gloo on CPU) follows the
-    single-process run over 5 steps: 2 pairs per rank = the 4 pairs one process reads."""
+@pytest.mark.parametrize("layout", [("--dp", "2"), ("--dp", "2", "--ep", "2")], ids=["fsdp2", "fsdp2xep"])
+def test_two_processes_reproduce_one(model_dir, tmp_path, layout):
+    """`torchrun --nproc_per_node 2 -m llama4 dpo ... --dp 2 [--ep 2]` (FSDP2, expert parallel; gloo
+    on CPU) follows the single-process run over 5 steps: 2 pairs per rank = the 4 pairs one process reads."""
     import os
     import socket
     import subprocess
@@ -368,7 +369,7 @@ def test_two_processes_reproduce_one(model_dir, tmp_path):
         port = s.getsockname()[1]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr",
                         "127.0.0.1", "--master-port", str(port), "-m", "llama4", *map(str, common), "--batch-size", "2",
-                        "--dp", "2", "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                        *layout, "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
                        env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     keys = ("step", "loss", "grad_norm", "rewards/margins")

@@ -297,9 +297,10 @@ def test_task_data_uses_the_reference_answer(base, tok, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_reproduce_one(base, tmp_path):
-    """`torchrun --nproc_per_node 2 -m llama4 sft ... --dp 2` (FSDP2, gloo on CPU) follows the
-    single-process run: the loss is the mean over the *global* batch's assistant tokens."""
+@pytest.mark.parametrize("layout", [("--dp", "2"), ("--dp", "2", "--ep", "2")], ids=["fsdp2", "fsdp2xep"])
+def test_two_processes_reproduce_one(base, tmp_path, layout):
+    """`torchrun --nproc_per_node 2 -m llama4 sft ... --dp 2 [--ep 2]` (FSDP2, expert parallel; gloo
+    on CPU) follows the single-process run: the loss is the mean over the *global* batch's assistant tokens."""
     import socket
 
     data = facts_jsonl(tmp_path / "d.jsonl")
@@ -311,7 +312,7 @@ def test_two_processes_reproduce_one(base, tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(port), "-m", "llama4", "sft", "--no-progress", "--threads", "1",
-           *map(str, common), "--batch-size", "2", "--dp", "2", "--out", str(tmp_path / "two")]
+           *map(str, common), "--batch-size", "2", *layout, "--out", str(tmp_path / "two")]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

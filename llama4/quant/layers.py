@@ -1,0 +1,159 @@
+"""Quantized stand-ins for the model's weight-holding modules, swapped in from outside.
+
+``QuantLinear`` replaces an ``nn.Linear`` (attention projections, dense FFN, shared expert, head);
+``QuantExperts`` replaces ``GroupedExperts`` and keeps the routed experts sparse: ``experts.w1[ids]``
+(what MoE's gather and loop paths index) dequantizes only the experts asked for, and the grouped
+path visits only experts that received tokens. Buffers hold the stored form (what the checkpoint
+holds, so ``state_dict`` round-trips); ``k_*`` buffers, not saved, hold the form the chosen compute
+path needs (see kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama4.quant import kernels
+from llama4.quant.formats import FLOAT16, dequantize, parts
+
+
+def _stored_shapes(scheme: str, shape: tuple, axis: int, group_size: int | None) -> dict[str, tuple]:
+    """Shapes of the stored tensors of a float weight of ``shape`` (reduction axis ``axis``)."""
+    axis = axis % len(shape)
+    if scheme in FLOAT16:
+        return {"q": shape}
+    if scheme == "int8":
+        return {"q": shape, "scale": shape[:axis] + shape[axis + 1:]}
+    if scheme == "int4":
+        grouped = shape[:axis] + (shape[axis] // group_size,) + shape[axis + 1:]
+        return {"q": shape[:-1] + (shape[-1] // 2,), "scale": grouped, "zero": grouped}
+    raise ValueError(f"unknown quantization scheme {scheme!r}")
+
+
+_STORED_DTYPE = {"int8": torch.int8, "int4": torch.uint8}
+
+
+def _empty(scheme: str, part: str, shape: tuple) -> torch.Tensor:
+    if part == "q":
+        dt = FLOAT16[scheme] if scheme in FLOAT16 else _STORED_DTYPE[scheme]
+    else:
+        dt = torch.float32
+    return torch.empty(shape, dtype=dt)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ b) with W (out, in) stored as ``weight`` (+ ``weight_scale``, ``weight_zero``)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int | None = None,
+                 bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size = scheme, group_size
+        for part, shape in _stored_shapes(scheme, (out_features, in_features), -1, group_size).items():
+            self.register_buffer("weight" if part == "q" else f"weight_{part}", _empty(scheme, part, shape))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.path = "fp32"
+        self.speedup = 1.0
+        self._kernel: dict[str, torch.Tensor] = {}
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {p: getattr(self, "weight" if p == "q" else f"weight_{p}") for p in parts(self.scheme)}
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.stored(), self.scheme, -1, dtype)
+
+    def set_path(self, path: str, speedup: float = 1.0) -> None:
+        for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("k_")]:
+            delattr(self, name)
+        if path == "fp32":
+            kernel = {"w": self.dequantized()}
+        else:
+            kernel = kernels.kernel_form(path, self.weight, getattr(self, "weight_scale", None),
+                                         getattr(self, "weight_zero", None), self.group_size)
+        for k, t in kernel.items():
+            self.register_buffer(f"k_{k}", t, persistent=False)
+        self._kernel = list(kernel)
+        self.path, self.speedup = path, speedup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "fp32":
+            return F.linear(x, self.k_w if self.k_w.dtype == x.dtype else self.k_w.to(x.dtype), self.bias)
+        else:
+            y = kernels.run(self.path, x, {k: getattr(self, f"k_{k}") for k in self._kernel}, self.group_size)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}{g}, path={self.path}"
+
+
+class _Stack:
+    """``experts.w1[ids]``: the float weights of the experts ``ids`` selects, dequantized on demand."""
+
+    def __init__(self, owner: "QuantExperts", name: str):
+        self.owner, self.name = owner, name
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        o = self.owner
+        if o.path == "fp32":
+            return getattr(o, f"k_{self.name}")[idx]
+        sel = {p: t[idx] for p, t in o.stored(self.name).items()}
+        return dequantize(sel, o.scheme, -2)
+
+    @property
+    def shape(self):
+        return torch.Size(self.owner.dims[self.name])
+
+
+class QuantExperts(nn.Module):
+    """E SwiGLU experts as GroupedExperts, in ``x @ W`` layout (E, in, out), quantized along ``in``."""
+
+    NAMES = ("w1", "w3", "w2")
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, scheme: str, group_size: int | None = None):
+        super().__init__()
+        self.scheme, self.group_size = scheme, group_size
+        self.dims = {"w1": (n_experts, dim, hidden_dim), "w3": (n_experts, dim, hidden_dim),
+                     "w2": (n_experts, hidden_dim, dim)}
+        for name, shape in self.dims.items():
+            for part, s in _stored_shapes(scheme, shape, -2, group_size).items():
+                self.register_buffer(f"{name}_{part}", _empty(scheme, part, s))
+        self.path = "fp32"
+        self.speedup = 1.0
+
+    # MoE's gather / loop paths index these like the float stacks
+    w1 = property(lambda self: _Stack(self, "w1"))
+    w2 = property(lambda self: _Stack(self, "w2"))
+    w3 = property(lambda self: _Stack(self, "w3"))
+
+    def stored(self, name: str) -> dict[str, torch.Tensor]:
+        return {p: getattr(self, f"{name}_{p}") for p in parts(self.scheme)}
+
+    def dequantized(self, name: str, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.stored(name), self.scheme, -2, dtype)
+
+    def set_path(self, path: str, speedup: float = 1.0) -> None:
+        if path not in ("fp32", "dequant"):
+            raise ValueError(f"unknown expert path {path!r}; use 'fp32' or 'dequant'")
+        for name in self.NAMES:
+            if hasattr(self, f"k_{name}"):
+                delattr(self, f"k_{name}")
+            if path == "fp32":
+                self.register_buffer(f"k_{name}", self.dequantized(name), persistent=False)
+        self.path, self.speedup = path, speedup
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
+        # x: (M, D) rows sorted by expert; counts: (E,) -> (M, D). Only experts with rows compute.
+        outs = []
+        for e, xe in enumerate(x.split(counts.tolist())):
+            if xe.shape[0] == 0:
+                continue
+            w1, w3, w2 = self.w1[e], self.w3[e], self.w2[e]
+            outs.append((F.silu(xe @ w1.to(xe.dtype)) * (xe @ w3.to(xe.dtype))) @ w2.to(xe.dtype))
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+    def extra_repr(self) -> str:
+        e, d, f = self.dims["w1"]
+        g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return f"experts={e}, dim={d}, hidden={f}, scheme={self.scheme}{g}, path={self.path}"
