@@ -49,13 +49,12 @@ from torch import nn
 from llama4.model import ModelArgs, Transformer, count_params
 from llama4.tokenizer import Tokenizer
 from llama4.tokenizer.files import atomic_write_bytes
-from llama4.train import losses
 from llama4.train.checkpointing import list_checkpoints
 from llama4.train.config import TrainConfig
 from llama4.train.finish import export_final
-from llama4.train.log import MetricsLog, Progress, fmt_stats, plot_losses, read_metrics
+from llama4.train.log import MetricsLog, Progress, plot_losses, read_metrics
 from llama4.train.optim import Schedule, build_optimizer
-from llama4.train.run import Run, Runtime, apply_compile, die, fault, pick_autocast, pick_device, resume as resume_run
+from llama4.train.run import Run, Runtime, die, fault, pick_autocast, pick_device, prepare_model, resume as resume_run
 from llama4.train.state import Meter, TrainState
 from llama4.train.step import LossOutput, StepStats, train_step
 
@@ -161,17 +160,7 @@ def build_stage_run(base: BaseModel, cfg: TrainConfig, out, loader, resume: bool
             if not tok_path.is_file() or tok_path.read_bytes() != data:
                 atomic_write_bytes(tok_path, data)
 
-    model = base.model.to(device=rt.device, dtype=torch.float32).train()
-    moe = losses.moe_layers(model)
-    losses.record_router_stats(model)
-    if cfg.activation_checkpointing:
-        from llama4.distributed.parallelize import apply_ac
-
-        apply_ac(model)
-    if cfg.compile:
-        apply_compile(model)
-    if parallelize is not None:
-        model = parallelize(model, cfg)
+    model, moe = prepare_model(base.model.to(device=rt.device, dtype=torch.float32).train(), cfg, parallelize)
     optimizer = build_optimizer(model, cfg, None)
     return Run(cfg=cfg, out=out, rt=rt, model=model, optimizer=optimizer, schedule=Schedule.from_config(cfg),
                loader=loader, moe=moe, autocast=autocast, compute_dtype=compute_dtype, tokenizer=base.tokenizer,
@@ -233,13 +222,7 @@ def run_stage(run: Run, batch_fn: Callable[[Run], object], loss_fn: Callable[[Ru
         step = state.step
         if on_step is not None:
             on_step(run, state, stats)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            rec = state.meter.flush(step, stats.lr, state.tokens, time.perf_counter() - t_log, run.tokens_per_step)
-            if rec is not None:
-                run.metrics.write(rec)
-                run.bar.update(0, **fmt_stats(rec["loss"], rec["tokens_per_s"], stats.lr))
-            t_log = time.perf_counter()
-        run.bar.update(1)
+        t_log = run.log_step(state, stats.lr, t_log)
         if (step % cfg.checkpoint_every == 0 or step == cfg.max_steps) and state.bad_steps == 0:
             save(run, state)
             t_log = time.perf_counter()

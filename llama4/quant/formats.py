@@ -81,10 +81,9 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     q = unpack_int4(packed)
     axis = axis % q.dim()
-    group = q.shape[axis] // scale.shape[axis]
-    s = scale.to(dtype).repeat_interleave(group, dim=axis)
-    z = zero.to(dtype).repeat_interleave(group, dim=axis)
-    return (q.to(dtype) - 8.0) * s + z
+    g = _groups(q.to(dtype), axis, q.shape[axis] // scale.shape[axis])  # (..., K/G, G, ...)
+    s, z = scale.to(dtype).unsqueeze(axis + 1), zero.to(dtype).unsqueeze(axis + 1)
+    return ((g - 8.0) * s + z).flatten(axis, axis + 1)
 
 
 def quantize(w: torch.Tensor, scheme: str, group_size: int | None = None, axis: int = -1,

@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ from llama4.train import checkpointing as ckpt
 from llama4.train import evaluate as ev
 from llama4.train import losses
 from llama4.train.config import OPERATIONAL, TrainConfig
-from llama4.train.log import MetricsLog, Progress
+from llama4.train.log import MetricsLog, Progress, fmt_stats
 from llama4.train.optim import Schedule, build_optimizer
 from llama4.train.prepare import prepare_data, prepare_tokenizer, unigram_stats
 from llama4.train.state import TrainState
@@ -163,6 +164,19 @@ class Run:
         if self.rt.is_main:
             self.bar.write(text)
 
+    def log_step(self, state: TrainState, lr: float, since: float) -> float:
+        """After an optimizer step: a metrics record every ``log_every`` steps (and at the last),
+        the progress bar; returns the time the next record's throughput counts from."""
+        cfg, step = self.cfg, state.step
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rec = state.meter.flush(step, lr, state.tokens, time.perf_counter() - since, self.tokens_per_step)
+            if rec is not None:
+                self.metrics.write(rec)
+                self.bar.update(0, **fmt_stats(rec["loss"], rec["tokens_per_s"], lr))
+            since = time.perf_counter()
+        self.bar.update(1)
+        return since
+
     def log_eval(self, state: TrainState, n_batches: int, event: str = "eval", model: nn.Module | None = None,
                  **kw) -> dict:
         """Validation loss on ``n_batches`` per language, written to metrics.jsonl as ``event``."""
@@ -184,6 +198,23 @@ class Run:
                 + ("" if metap is None else f"; MetaP from base dim {metap.config.base.dim} x "
                    f"{metap.config.base.n_layers} layers, base LR {cfg.lr:.3g}"))
 
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, parallelize=None) -> tuple[nn.Module, list]:
+    """What every training run does to its model before the optimizer: find the MoE layers and
+    record their router statistics, activation checkpointing, compile, and the distributed room's
+    ``parallelize`` hook, in that order. Returns the model to train and its MoE layers."""
+    moe = losses.moe_layers(model)
+    losses.record_router_stats(model)
+    if cfg.activation_checkpointing:
+        from llama4.distributed.parallelize import apply_ac  # the project's one implementation
+
+        apply_ac(model)
+    if cfg.compile:
+        apply_compile(model)
+    if parallelize is not None:
+        model = parallelize(model, cfg)
+    return model, moe
 
 def setup(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
           parallelize: Callable[[nn.Module, TrainConfig], nn.Module] | None = None,
@@ -224,17 +255,7 @@ def setup(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
                           world_size=rt.world_size)
 
     # ---- model, optimizer, schedule --------------------------------------------------------------
-    model = build_model(cfg, rt.device)
-    moe = losses.moe_layers(model)
-    losses.record_router_stats(model)
-    if cfg.activation_checkpointing:
-        from llama4.distributed.parallelize import apply_ac  # the project's one implementation
-
-        apply_ac(model)
-    if cfg.compile:
-        apply_compile(model)
-    if parallelize is not None:
-        model = parallelize(model, cfg)
+    model, moe = prepare_model(build_model(cfg, rt.device), cfg, parallelize)
     metap = cfg.metap_plan()
     optimizer = build_optimizer(model, cfg, metap)
     return Run(cfg=cfg, out=out, rt=rt, model=model, optimizer=optimizer, schedule=Schedule.from_config(cfg),

@@ -47,7 +47,7 @@ import torch
 
 from llama4.train.config import TrainConfig
 from llama4.train.finish import export_final, finish
-from llama4.train.log import Progress, fmt_stats
+from llama4.train.log import Progress
 from llama4.train.run import (FAULT_ENV, Run, Runtime, apply_compile, build_model, die, fault, pick_autocast,
                               pick_device, resume as resume_run, save, setup)
 from llama4.train.state import Meter, TrainState
@@ -80,13 +80,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, resume: bool = False,
             die()
 
         step = state.step
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            rec = state.meter.flush(step, stats.lr, state.tokens, time.perf_counter() - t_log, run.tokens_per_step)
-            if rec is not None:
-                run.metrics.write(rec)
-                run.bar.update(0, **fmt_stats(rec["loss"], rec["tokens_per_s"], stats.lr))
-            t_log = time.perf_counter()
-        run.bar.update(1)
+        t_log = run.log_step(state, stats.lr, t_log)
         if step % cfg.eval_every == 0 and step < cfg.max_steps and cfg.eval_batches:
             res = run.log_eval(state, cfg.eval_batches)
             run.say(f"step {step}: val loss {res['val_loss_mean']:.3f}")
