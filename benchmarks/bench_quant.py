@@ -85,13 +85,18 @@ def top1_agreement(ref, model, seqs) -> float:
     return same / total
 
 
-def greedy_agreement(ref_out, model, prompts) -> float:
-    same = total = 0
+def greedy_agreement(ref_out, model, prompts) -> tuple[float, float, int]:
+    """(share of positions equal to fp32's, mean tokens before the first difference, prompts
+    whose whole continuation is fp32's)."""
+    same = total = prefix = whole = 0
     for p, r in zip(prompts, ref_out):
         o = llama4.generate(model, p, max_new_tokens=GREEDY_NEW)
         same += sum(int(x == y) for x, y in zip(o, r))
         total += len(r)
-    return same / total
+        n = next((i for i, (x, y) in enumerate(zip(o, r)) if x != y), len(r))
+        prefix += n
+        whole += int(n == len(r))
+    return same / total, prefix / len(prompts), whole
 
 
 def quality(src: Path, variants: dict, max_docs: int | None) -> None:
@@ -108,8 +113,9 @@ def quality(src: Path, variants: dict, max_docs: int | None) -> None:
     langs = list(base)
     print(f"\n## quality vs fp32 (validation text; {sum(d['tokens'] for d in base.values())} tokens, "
           f"{len(langs)} languages)\n")
-    print("| scheme | Δ nats/token mean | Δ max (lang) | Δ min (lang) | top-1 agreement | greedy agreement |")
-    print("|---|---|---|---|---|---|")
+    print(f"| scheme | Δ nats/token mean | Δ max (lang) | Δ min (lang) | top-1 agreement | greedy: same position "
+          f"| greedy: tokens before 1st difference (of {GREEDY_NEW}) | greedy: identical prompts |")
+    print("|---|---|---|---|---|---|---|---|")
     per_lang = {}
     for name, path in variants.items():
         m = llama4.load(path)
@@ -119,8 +125,9 @@ def quality(src: Path, variants: dict, max_docs: int | None) -> None:
         mean = (sum(det[l]["nats"] for l in langs) - sum(base[l]["nats"] for l in langs)) / toks
         hi, lo = max(d, key=d.get), min(d, key=d.get)
         per_lang[name] = d
+        share, before, whole = greedy_agreement(ref_out, m, prompts)
         print(f"| {name} | {mean:+.4f} | {d[hi]:+.4f} ({hi}) | {d[lo]:+.4f} ({lo}) | "
-              f"{top1_agreement(ref, m, seqs):.3f} | {greedy_agreement(ref_out, m, prompts):.3f} |", flush=True)
+              f"{top1_agreement(ref, m, seqs):.3f} | {share:.3f} | {before:.1f} | {whole}/{len(prompts)} |", flush=True)
     print("\nper language, Δ nats/token (fp32 nats/token in the header):\n")
     print("| scheme | " + " | ".join(f"{l} ({base[l]['nats_per_token']:.3f})" for l in langs) + " |")
     print("|---|" + "---|" * len(langs))

@@ -139,7 +139,7 @@ def load_hf(path, dtype=None, device=None) -> Transformer | MultimodalTransforme
     device = torch.device(device) if device is not None else torch.device("cpu")
     cfg_file = path / HF_CONFIG
     cfg = _read_json(cfg_file)
-    if isinstance(cfg, dict) and cfg.get("quantization_config") is not None:
+    if isinstance(cfg, dict) and cfg.get("quantization_config"):
         from llama4.quant.checkpoint import load_quantized  # weights written by `llama4 quantize`
 
         return load_quantized(path, cfg, dtype, device)
@@ -294,6 +294,9 @@ def save(model, path, max_shard_size="5GB", dtype=None, tokenizer=None, temperat
     from safetensors.torch import save_file
 
     model = unwrap_model(model)
+    if getattr(model, "quantization", None):  # set by llama4.quant's loader
+        raise CheckpointError(f"{path}: cannot save a quantized model ({model.quantization['scheme']}) as a float "
+                              "checkpoint; `llama4 quantize` writes quantized folders from the float model")
     args = model.args
     path = as_path(path)
     dtype = resolve_dtype(dtype, "save(dtype=...)")

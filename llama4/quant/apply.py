@@ -15,7 +15,9 @@ from collections import Counter
 import torch
 from torch import nn
 
+from llama4.model.moe import GroupedExperts
 from llama4.quant import kernels
+from llama4.quant.formats import dequantize
 from llama4.quant.layers import QuantExperts, QuantLinear
 
 # module names (text decoder) whose weights are quantized
@@ -30,7 +32,7 @@ def target_modules(model: nn.Module, head: bool = True) -> list[str]:
     for name, m in model.named_modules():
         if (_LINEAR.match(name) or (head and name == HEAD)) and isinstance(m, nn.Linear):
             out.append(name)
-        elif _EXPERTS.match(name) and type(m).__name__ == "GroupedExperts":
+        elif _EXPERTS.match(name) and isinstance(m, GroupedExperts):
             out.append(name)
     return out
 
@@ -77,8 +79,6 @@ def _expert_choice(m: QuantExperts) -> kernels.Choice:
     ids = torch.zeros(1, 1, dtype=torch.long)
     f32 = m.dequantized("w1")
     stored = m.stored("w1")
-    from llama4.quant.formats import dequantize
-
     with torch.inference_mode():
         base = kernels._time(lambda: f32[ids], 200)
         t = kernels._time(lambda: dequantize({p: v[ids] for p, v in stored.items()}, m.scheme, -2), 200)
@@ -89,7 +89,8 @@ def _expert_choice(m: QuantExperts) -> kernels.Choice:
 def prepare(model: nn.Module, path: str = "auto", quiet: bool = False) -> dict[str, str]:
     """Pick and build every quantized module's compute path. ``path="auto"`` times the candidates
     on this machine (once per distinct shape) and keeps fp32 where no kernel is faster; any other
-    value forces that path where it applies (e.g. "fp32", "int8mm", "dequant" for experts).
+    value forces that path (linear: "fp32", "dequant" or a kernel of kernels.py; experts: a kernel
+    name means "fp32").
     Prints one line to stderr saying what was chosen (unless ``quiet``). -> {module: path}."""
     chosen, cache = {}, {}
     device = None
@@ -103,8 +104,8 @@ def prepare(model: nn.Module, path: str = "auto", quiet: bool = False) -> dict[s
                                                 kernels.available(m.scheme, m.weight.device))
                 c = cache[key]
             else:
-                c = kernels.Choice(path if path != "dequant" else "fp32", 0.0)
-            m.set_path(c.path, c.speedup)
+                c = kernels.Choice(path, 0.0)
+            m.set_path(c.path, c.speedup, c.dequant_from)
             chosen[name] = c.path
         elif isinstance(m, QuantExperts):
             if path == "auto":
@@ -130,9 +131,17 @@ def summary(model: nn.Module, chosen: dict[str, str], device=None) -> str:
         if p != "fp32" and s:
             lo, hi = speed.get(p, (s, s))
             speed[p] = (min(lo, s), max(hi, s))
+    rows = {}
+    for name, p in chosen.items():
+        d = getattr(model.get_submodule(name), "dequant_from", None)
+        if d:
+            rows[p] = min(rows.get(p, d), d)
     bits = []
     for p, n in counts.most_common():
-        extra = f" ({speed[p][0]:.1f}-{speed[p][1]:.1f}x fp32 at 1 row)" if p in speed else ""
+        extra = f" ({speed[p][0]:.1f}-{speed[p][1]:.1f}x fp32 at 1 row" if p in speed else ""
+        if p in rows:
+            extra += f"; dequantized per call from {rows[p]} rows on"
+        extra += ")" if extra else ""
         bits.append(f"{n} x {p}{extra}")
     note = ""
     if counts.get("fp32"):

@@ -69,8 +69,9 @@ def parse_quantization_config(qc, source: str) -> tuple[str, int | None, list[st
     if not isinstance(qc, Mapping):
         raise CheckpointConfigError(f"{source}: field 'quantization_config' must be an object")
     if qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointConfigError(f"{source}: quantization_config.quant_method = {qc.get('quant_method')!r} "
-                                    f"is not supported (this loader reads {QUANT_METHOD!r})")
+        raise CheckpointConfigError(f"{source}: field 'quantization_config' is set with quant_method "
+                                    f"{qc.get('quant_method')!r}, which is not supported (this loader reads "
+                                    f"{QUANT_METHOD!r}, as `llama4 quantize` writes it)")
     if qc.get("format_version") != FORMAT_VERSION:
         raise CheckpointConfigError(f"{source}: quantization_config.format_version = "
                                     f"{qc.get('format_version')!r}; this loader reads {FORMAT_VERSION}")

@@ -83,7 +83,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     axis = axis % q.dim()
     g = _groups(q.to(dtype), axis, q.shape[axis] // scale.shape[axis])  # (..., K/G, G, ...)
     s, z = scale.to(dtype).unsqueeze(axis + 1), zero.to(dtype).unsqueeze(axis + 1)
-    return ((g - 8.0) * s + z).flatten(axis, axis + 1)
+    return torch.addcmul(z - 8.0 * s, g, s).flatten(axis, axis + 1)  # (q - 8) * s + z
 
 
 def quantize(w: torch.Tensor, scheme: str, group_size: int | None = None, axis: int = -1,

@@ -9,6 +9,8 @@ A path is a way to compute ``x @ W.T`` (Linear) from the stored form. The candid
     int4mm       torch.ops.aten._weight_int4pack_mm_for_cpu, fp32 activations
     int4mm-bf16  the same with bf16 activations
     linear16     F.linear in the weight's 16-bit dtype (bf16 / fp16 weights)
+    dequant      dequantize per call, then the fp32 matmul (keeps the memory saving; slow, the
+                 state before a path is chosen, and what a kernel path does for many rows)
 
 Accumulation is fp32 in every kernel; "-bf16" paths round the activations to bf16 on the way in
 and the output comes back as fp32. ``choose`` times each candidate against the fp32 matmul on the
@@ -42,17 +44,20 @@ def _has(op: str) -> bool:
 
 def kernel_form(path: str, q: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None,
                 group_size: int | None) -> dict[str, torch.Tensor]:
-    """The tensors ``path`` computes with, made from the stored (N, K) form."""
+    """The tensors ``path`` computes with, made from the stored (N, K) form, always in fresh
+    memory: tensors read from a safetensors file can start at any byte, and the int8 kernel's
+    vectorized path crashes the process (SIGSEGV) on such a weight at 16 rows and more."""
     if path.startswith("int8mm"):
         dt = torch.bfloat16 if path.endswith("bf16") else torch.float32
-        return {"w": q.contiguous(), "s": scale.to(dt).contiguous()}
+        return {"w": q.clone(memory_format=torch.contiguous_format),
+                "s": scale.to(dt).clone(memory_format=torch.contiguous_format)}
     if path.startswith("int4mm"):
         dt = torch.bfloat16 if path.endswith("bf16") else torch.float32
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(q).to(torch.int32).contiguous(), 1)
         sz = torch.stack((scale.t(), zero.t()), dim=-1).to(dt).contiguous()  # (K/G, N, 2)
         return {"w": w, "sz": sz}
     if path == "linear16":
-        return {"w": q}
+        return {"w": q.clone(memory_format=torch.contiguous_format)}
     raise ValueError(f"unknown quantized compute path {path!r}")
 
 
@@ -88,22 +93,42 @@ def available(scheme: str, device: torch.device) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _time(fn, reps: int) -> float:
-    """Median of 5 rounds of ``reps`` calls, seconds per call."""
+def _time(fn, reps: int, n_rounds: int = 5) -> float:
+    """Median of ``n_rounds`` rounds of ``reps`` calls, seconds per call."""
     fn()
     rounds = []
-    for _ in range(5):
+    for _ in range(n_rounds):
         t = time.perf_counter()
         for _ in range(reps):
             fn()
         rounds.append((time.perf_counter() - t) / reps)
-    return sorted(rounds)[2]
+    return sorted(rounds)[n_rounds // 2]
 
 
 @dataclass(frozen=True)
 class Choice:
     path: str
     speedup: float  # fp32 time / chosen path time at one row (1.0 for fp32)
+    # from this many rows on, dequantizing the weight per call and the fp32 matmul beat the kernel
+    # (the kernels are made for few rows: prefill and scoring take this route); None: never
+    dequant_from: int | None = None
+
+
+def dequant_crossover(path: str, stored: dict, group_size: int | None, scheme: str, kdim: int) -> int | None:
+    """The smallest row count in (16, 64, 256) where dequantize-then-fp32 beats ``path``."""
+    from llama4.quant.formats import dequantize
+
+    k = kernel_form(path, stored["q"], stored.get("scale"), stored.get("zero"), group_size)
+    for rows in ROW_STEPS:
+        x = torch.randn(rows, kdim)
+        t_kernel = _time(lambda: run(path, x, k, group_size), 1, 3)
+        t_deq = _time(lambda: F.linear(x, dequantize(stored, scheme)), 1, 3)
+        if t_deq < t_kernel:
+            return rows
+    return None
+
+
+ROW_STEPS = (16, 64, 256)
 
 
 def choose(scheme: str, stored: dict[str, torch.Tensor], group_size: int | None, dequantized: torch.Tensor,
@@ -126,6 +151,8 @@ def choose(scheme: str, stored: dict[str, torch.Tensor], group_size: int | None,
                 continue
             if base / t >= MARGIN and base / t > best.speedup:
                 best = Choice(p, base / t)
+        if best.path != "fp32":
+            best = Choice(best.path, best.speedup, dequant_crossover(best.path, stored, group_size, scheme, kdim))
     return best
 
 

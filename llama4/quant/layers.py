@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama4.model.moe import GroupedExperts
 from llama4.quant import kernels
 from llama4.quant.formats import FLOAT16, dequantize, parts
 
@@ -53,9 +54,10 @@ class QuantLinear(nn.Module):
         for part, shape in _stored_shapes(scheme, (out_features, in_features), -1, group_size).items():
             self.register_buffer("weight" if part == "q" else f"weight_{part}", _empty(scheme, part, shape))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.path = "fp32"
+        self.path = "dequant"  # correct before any path is prepared: dequantize per call
         self.speedup = 1.0
-        self._kernel: dict[str, torch.Tensor] = {}
+        self.dequant_from: int | None = None
+        self._kernel: list[str] = []
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {p: getattr(self, "weight" if p == "q" else f"weight_{p}") for p in parts(self.scheme)}
@@ -63,11 +65,16 @@ class QuantLinear(nn.Module):
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.stored(), self.scheme, -1, dtype)
 
-    def set_path(self, path: str, speedup: float = 1.0) -> None:
+    def set_path(self, path: str, speedup: float = 1.0, dequant_from: int | None = None) -> None:
+        """Build ``path``'s tensors; inputs of ``dequant_from`` rows or more dequantize the weight
+        per call instead (the kernels lose to fp32 GEMM on many rows)."""
+        self.dequant_from = dequant_from
         for name in [n for n, _ in self.named_buffers(recurse=False) if n.startswith("k_")]:
             delattr(self, name)
         if path == "fp32":
             kernel = {"w": self.dequantized()}
+        elif path == "dequant":
+            kernel = {}
         else:
             kernel = kernels.kernel_form(path, self.weight, getattr(self, "weight_scale", None),
                                          getattr(self, "weight_zero", None), self.group_size)
@@ -78,14 +85,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "fp32":
-            return F.linear(x, self.k_w if self.k_w.dtype == x.dtype else self.k_w.to(x.dtype), self.bias)
-        else:
-            y = kernels.run(self.path, x, {k: getattr(self, f"k_{k}") for k in self._kernel}, self.group_size)
+            w = self._buffers["k_w"]
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
+        if self.path == "dequant" or (self.dequant_from is not None
+                                      and x.numel() // x.shape[-1] >= self.dequant_from):
+            return F.linear(x, self.dequantized(x.dtype), self.bias)
+        y = kernels.run(self.path, x, {k: getattr(self, f"k_{k}") for k in self._kernel}, self.group_size)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
-        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}{g}, path={self.path}"
+        d = f", dequant_from={self.dequant_from}" if self.dequant_from else ""
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}{g}, path={self.path}{d}"
 
 
 class _Stack:
@@ -96,8 +107,6 @@ class _Stack:
 
     def __getitem__(self, idx) -> torch.Tensor:
         o = self.owner
-        if o.path == "fp32":
-            return getattr(o, f"k_{self.name}")[idx]
         sel = {p: t[idx] for p, t in o.stored(self.name).items()}
         return dequantize(sel, o.scheme, -2)
 
@@ -119,13 +128,14 @@ class QuantExperts(nn.Module):
         for name, shape in self.dims.items():
             for part, s in _stored_shapes(scheme, shape, -2, group_size).items():
                 self.register_buffer(f"{name}_{part}", _empty(scheme, part, s))
-        self.path = "fp32"
+        self.path = "dequant"  # correct before any path is prepared
         self.speedup = 1.0
 
-    # MoE's gather / loop paths index these like the float stacks
-    w1 = property(lambda self: _Stack(self, "w1"))
-    w2 = property(lambda self: _Stack(self, "w2"))
-    w3 = property(lambda self: _Stack(self, "w3"))
+    # MoE's gather / loop paths index these like the float stacks: on the fp32 path they are the
+    # float stacks (no indirection on the decode step), else views that dequantize what is indexed
+    w1 = property(lambda self: self._buffers.get("k_w1") if self.path == "fp32" else _Stack(self, "w1"))
+    w2 = property(lambda self: self._buffers.get("k_w2") if self.path == "fp32" else _Stack(self, "w2"))
+    w3 = property(lambda self: self._buffers.get("k_w3") if self.path == "fp32" else _Stack(self, "w3"))
 
     def stored(self, name: str) -> dict[str, torch.Tensor]:
         return {p: getattr(self, f"{name}_{p}") for p in parts(self.scheme)}
@@ -145,6 +155,8 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         # x: (M, D) rows sorted by expert; counts: (E,) -> (M, D). Only experts with rows compute.
+        if self.path == "fp32":  # w1/w2/w3 are the float stacks: the float module's own grouped matmul
+            return GroupedExperts.forward(self, x, counts, impl)
         outs = []
         for e, xe in enumerate(x.split(counts.tolist())):
             if xe.shape[0] == 0:

@@ -97,7 +97,7 @@ def test_bad_quantization_config_fields(int4, tmp_path):
     cases = [
         (lambda q: q.update(scheme="int3"), r"quantization_config\.scheme = 'int3'"),
         (lambda q: q.update(group_size=48), r"quantization_config\.group_size = 48"),
-        (lambda q: q.update(quant_method="gptq"), r"quant_method = 'gptq' is not supported"),
+        (lambda q: q.update(quant_method="gptq"), r"quant_method 'gptq', which is not supported"),
         (lambda q: q["quantized_tensors"].append("model.layers.9.self_attn.q_proj.weight"),
          r"names tensor\(s\) this model does not have: model\.layers\.9"),
         (lambda q: q["quantized_tensors"].remove("model.layers.0.self_attn.q_proj.weight"),
@@ -119,3 +119,10 @@ def test_wrong_stored_dtype_is_named(int4, tmp_path):
     save_file(t, str(bad / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.self_attn\.o_proj\.weight' has dtype torch\.float32; .* stores it as torch\.uint8"):
         llama4.load(bad)
+
+
+def test_saving_a_loaded_quantized_model_as_float_is_refused(int4, tmp_path):
+    m = llama4.load(int4)
+    with pytest.raises(CheckpointError, match=r"cannot save a quantized model \(int4\)"):
+        llama4.save(m, tmp_path / "out")
+    _only(tmp_path)

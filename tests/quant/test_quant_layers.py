@@ -79,6 +79,8 @@ def test_quant_linear_matches_dequantized_twin(scheme, g, path, tol):
     assert y.dtype == torch.float32 and y.shape == (5, 96)
     assert rel(y, twin) < tol, (path, rel(y, twin))
     assert rel(ql(x[:1]), twin[:1]) < tol  # the decode shape
+    ql.set_path(path, dequant_from=4)  # many rows: dequantize per call, then the fp32 matmul
+    assert rel(ql(x), twin) < 1e-6 and rel(ql(x[:3]), twin[:3]) < tol
 
 
 def test_auto_choice_never_picks_a_path_slower_than_fp32_by_its_own_measure():
@@ -124,15 +126,30 @@ def test_quantized_model_matches_float_twin_on_every_moe_path(scheme, g, one_thr
                     getattr(new, f"{w}_{part}").copy_(t)
     _float_twin_moe(q, f)
     ids = torch.randint(0, 2304, (2, 24))
-    for expert_path in ("dequant", "fp32"):
+    for expert_path, linear_path in (("dequant", "dequant"), ("fp32", "fp32")):
         for name, m in q.named_modules():
             if isinstance(m, QuantExperts):
                 m.set_path(expert_path)
             elif isinstance(m, QuantLinear):
-                m.set_path("fp32")
+                m.set_path(linear_path)
         for impl in ("grouped", "gather", "loop"):
             f.set_moe_impl(impl)
             q.set_moe_impl(impl)
             with torch.no_grad():
                 assert rel(q(ids), f(ids)) < 1e-5, (expert_path, impl)
     assert sum(isinstance(m, MoE) for m in q.modules()) == 2
+
+
+@pytest.mark.parametrize("path", ["int8mm-bf16", "int8mm"])
+def test_kernel_path_survives_a_weight_at_an_odd_address(path):
+    """safetensors hands out tensors at any byte offset; torch's int8 kernel crashed the process on
+    one (16+ rows, bf16). The kernel form must live in fresh memory."""
+    ql = _layer("int8", None, n=512, k=256)
+    buf = torch.empty(512 * 256 + 8, dtype=torch.int8)
+    odd = buf[8:].view(512, 256)
+    odd.copy_(ql.weight)
+    assert odd.data_ptr() % 16 != 0
+    ql.weight = odd
+    ql.set_path(path)
+    x = torch.randn(64, 256)
+    assert rel(ql(x), F.linear(x, ql.dequantized())) < 1e-2
