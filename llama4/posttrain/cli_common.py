@@ -4,6 +4,7 @@ every stage takes, their TrainConfig overrides, and the exit codes (2 bad input,
 from __future__ import annotations
 
 import argparse
+import os
 
 from llama4.train.cli import run_cli  # noqa: F401  (the stage commands' exit codes, as `llama4 train`)
 
@@ -26,3 +27,19 @@ def run_overrides(a: argparse.Namespace, flags=RUN_FLAGS) -> dict:
     if a.no_progress:
         out["progress"] = False
     return out
+
+
+def add_parallel_arguments(s: argparse.ArgumentParser) -> None:
+    """--dp, --ep: the layout under torchrun, as `llama4 train` takes it."""
+    s.add_argument("--dp", type=int, default=0,
+                   help="under torchrun: FSDP2 data-parallel degree (--batch-size is per data rank)")
+    s.add_argument("--ep", type=int, default=0, help="under torchrun: expert parallel degree (divides the data ranks)")
+
+
+def parallel_layout(a: argparse.Namespace):
+    """A ``ParallelConfig`` under torchrun or when a layout is given (as `llama4 train`), else None."""
+    if "WORLD_SIZE" not in os.environ and not a.dp and not a.ep:
+        return None
+    from llama4.distributed import ParallelConfig
+
+    return ParallelConfig(dp=a.dp or -1, ep=a.ep or 1)

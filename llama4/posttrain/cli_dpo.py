@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from llama4.posttrain.cli_common import RUN_FLAGS, add_run_arguments, run_cli, run_overrides
+from llama4.posttrain.cli_common import (RUN_FLAGS, add_parallel_arguments, add_run_arguments, parallel_layout,
+                                         run_cli, run_overrides)
 from llama4.posttrain.lora_args import add_lora_arguments, check_lora_args
 
 
@@ -13,11 +13,7 @@ def _dpo(a: argparse.Namespace) -> int:
     check_lora_args(a)
     from llama4.posttrain.dpo import dpo
 
-    parallel = None
-    if "WORLD_SIZE" in os.environ or a.dp or a.ep:  # torchrun / a layout given: as `llama4 train`
-        from llama4.distributed import ParallelConfig
-
-        parallel = ParallelConfig(dp=a.dp or -1, ep=a.ep or 1)
+    parallel = parallel_layout(a)
     return run_cli("dpo", lambda: dpo(
         a.policy, a.pairs, a.out, ref=a.ref, beta=a.beta, max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size,
         max_length=a.max_length, resume=a.resume, seed=a.seed, overrides=run_overrides(a, RUN_FLAGS + ("grad_accum",)),
@@ -45,8 +41,6 @@ def add_subparser(subparsers) -> None:
                    help="longest prompt + completion in tokens (default: the policy's max_seq_len); longer is an error")
     s.add_argument("--seed", type=int, default=0, help="pair order seed")
     add_run_arguments(s)
-    s.add_argument("--dp", type=int, default=0,
-                   help="under torchrun: FSDP2 data-parallel degree (--batch-size is per data rank)")
-    s.add_argument("--ep", type=int, default=0, help="under torchrun: expert parallel degree (divides the data ranks)")
+    add_parallel_arguments(s)
     add_lora_arguments(s)
     s.set_defaults(func=_dpo)

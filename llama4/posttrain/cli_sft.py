@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
-from llama4.posttrain.cli_common import RUN_FLAGS, add_run_arguments, run_cli, run_overrides
+from llama4.posttrain.cli_common import (RUN_FLAGS, add_parallel_arguments, add_run_arguments, parallel_layout,
+                                         run_cli, run_overrides)
 from llama4.posttrain.lora_args import add_lora_arguments, check_lora_args
 
 
@@ -24,11 +24,7 @@ def _sft(a: argparse.Namespace) -> int:
             if key.startswith("model."):
                 raise ValueError(f"--set {item}: the model is the base's; model fields cannot change")
             overrides[key] = getattr(probe, key)
-    parallel = None
-    if "WORLD_SIZE" in os.environ or a.dp or a.ep:  # torchrun / a layout given: as `llama4 train`
-        from llama4.distributed import ParallelConfig
-
-        parallel = ParallelConfig(dp=a.dp or -1, ep=a.ep or 1)
+    parallel = parallel_layout(a)
     return run_cli("sft", lambda: sft(
         a.base, a.out, data=a.data, tasks=a.tasks, max_steps=a.max_steps, lr=a.lr, batch_size=a.batch_size,
         seq_len=a.seq_len, resume=a.resume, seed=a.seed, n_per_task=a.n_per_task, difficulty=a.difficulty,
@@ -62,8 +58,6 @@ def add_subparser(subparsers) -> None:
     add_run_arguments(s)
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override another TrainConfig field, e.g. --set warmup_steps=0 (repeatable)")
-    s.add_argument("--dp", type=int, default=0,
-                   help="under torchrun: FSDP2 data-parallel degree (--batch-size is per data rank)")
-    s.add_argument("--ep", type=int, default=0, help="under torchrun: expert parallel degree (divides the data ranks)")
+    add_parallel_arguments(s)
     add_lora_arguments(s)
     s.set_defaults(func=_sft)

@@ -141,11 +141,9 @@ def assistant_losses(model, examples, pad_id: int, batch_size: int = 16) -> list
     return out
 
 
-def pruned_sft_data(base_dir, recipe: PosttrainRecipe, out: Path) -> Path:
-    """Write ``OUT/sft_data.jsonl`` (the kept conversations) and ``OUT/sft_pruning.json``."""
-    from llama4.posttrain.stage import open_base
-
-    base = open_base(base_dir)
+def pruned_sft_data(base, recipe: PosttrainRecipe, out: Path) -> Path:
+    """Write ``OUT/sft_data.jsonl`` (the kept conversations) and ``OUT/sft_pruning.json``;
+    ``base``: the :class:`~llama4.posttrain.stage.BaseModel` the pipeline starts from."""
     convs = task_conversations(recipe.tasks, recipe.sft_candidates, seed=SEED_SFT)
     examples = build_examples(base.tokenizer, convs, recipe.sft["seq_len"])
     losses = assistant_losses(base.model, examples, pad_id_of(base.tokenizer))
@@ -248,8 +246,8 @@ def _copy_final(src: Path, out: Path) -> Path:
     return dst
 
 
-def _check_inputs(recipe: PosttrainRecipe, base, out: Path, pairs, resume: bool) -> None:
-    """Everything that can be refused is refused before anything is written."""
+def _check_inputs(recipe: PosttrainRecipe, base, out: Path, pairs, resume: bool):
+    """Everything that can be refused is refused before anything is written. Returns the base model."""
     from llama4.posttrain.dpo import load_pairs_jsonl
     from llama4.posttrain.stage import open_base
     from llama4.tasks import get_task
@@ -264,6 +262,7 @@ def _check_inputs(recipe: PosttrainRecipe, base, out: Path, pairs, resume: bool)
         load_pairs_jsonl(pairs)  # names the line and field of a bad pair
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty; pass --resume to continue that pipeline, or choose another --out")
+    return b
 
 
 def posttrain(recipe, base, out, pairs=None, resume: bool = False, threads: int | None = None,
@@ -276,7 +275,7 @@ def posttrain(recipe, base, out, pairs=None, resume: bool = False, threads: int 
     started = time.perf_counter()
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     out = Path(out)
-    _check_inputs(recipe, base, out, pairs, resume)
+    base_model = _check_inputs(recipe, base, out, pairs, resume)
     if threads is not None:
         torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +292,7 @@ def posttrain(recipe, base, out, pairs=None, resume: bool = False, threads: int 
     sft_dir = out / "sft"
     sft_done = _stage_done(sft_dir)
     if not sft_done:  # first: it also checks that every example fits the recipe's seq_len
-        data = timed("sft", lambda: pruned_sft_data(base_dir, recipe, out))
+        data = timed("sft", lambda: pruned_sft_data(base_model, recipe, out))
     stages["base"] = timed("base", lambda: _measured(out, "base", base_dir, recipe, resume, progress))
 
     if not sft_done:

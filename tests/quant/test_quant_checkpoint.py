@@ -16,6 +16,7 @@ from llama4.quant import formats
 from llama4.quant.apply import prepare
 from llama4.quant.checkpoint import QUANT_METHOD, quantize_dir
 from llama4.quant.layers import QuantExperts, QuantLinear
+from quant_common import float_twin
 from serving import write_tiny_model_dir
 
 SCHEMES = [("bf16", None), ("fp16", None), ("int8", None), ("int4", 32), ("int4", 64)]
@@ -72,12 +73,7 @@ def test_quantize_save_load_round_trip(tiny, tmp_path, scheme, g, one_thread):
         assert torch.equal(again(ids), lq)  # identical tensors, same path: identical logits
         # the float twin: the float model with every quantized weight replaced by its dequantized value
         f = llama4.load(tiny)
-        for name, mod in m.named_modules():
-            if isinstance(mod, QuantLinear):
-                f.get_submodule(name).weight.copy_(mod.dequantized())
-            elif isinstance(mod, QuantExperts):
-                for w in QuantExperts.NAMES:
-                    getattr(f.get_submodule(name), w).copy_(mod.dequantized(w))
+        float_twin(m, f)
         assert _rel(lq, f(ids)) < 1e-5
 
 

@@ -10,6 +10,7 @@ from llama4.model import MoE, Transformer
 from llama4.quant import formats, kernels
 from llama4.quant.apply import quantize_modules, target_modules
 from llama4.quant.layers import QuantExperts, QuantLinear
+from quant_common import float_twin
 from serving import tiny_args
 
 
@@ -89,17 +90,6 @@ def test_auto_choice_never_picks_a_path_slower_than_fp32_by_its_own_measure():
     assert c.path == "fp32" or c.speedup >= kernels.MARGIN
 
 
-def _float_twin_moe(model_q, model_f):
-    """Copy dequantized weights of every quantized module of model_q into the float model_f."""
-    with torch.no_grad():
-        for name, m in model_q.named_modules():
-            if isinstance(m, QuantLinear):
-                model_f.get_submodule(name).weight.copy_(m.dequantized())
-            elif isinstance(m, QuantExperts):
-                for w in QuantExperts.NAMES:
-                    getattr(model_f.get_submodule(name), w).copy_(m.dequantized(w))
-
-
 @pytest.mark.parametrize("scheme,g", [("int8", None), ("int4", 32), ("bf16", None)])
 def test_quantized_model_matches_float_twin_on_every_moe_path(scheme, g, one_thread):
     """Whole model: quantized modules (routed experts sparse: dequantized per selected expert)
@@ -124,7 +114,7 @@ def test_quantized_model_matches_float_twin_on_every_moe_path(scheme, g, one_thr
             for w in QuantExperts.NAMES:
                 for part, t in formats.quantize(getattr(old, w).detach(), scheme, g, axis=-2).items():
                     getattr(new, f"{w}_{part}").copy_(t)
-    _float_twin_moe(q, f)
+    float_twin(q, f)
     ids = torch.randint(0, 2304, (2, 24))
     for expert_path, linear_path in (("dequant", "dequant"), ("fp32", "fp32")):
         for name, m in q.named_modules():
