@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_quant.py [--model /work/pt_runs/base_metap/final]
         [--schemes bf16 fp16 int8 int4:32 int4:64 int4:128] [--threads 1] [--new 64] [--reps 3]
-        [--no-quality] [--bench-shape]
+        [--no-quality] [--bench-shape] [--compiled] [--no-trained]
 
 Each scheme is written by ``llama4 quantize``'s own code (llama4.quant.checkpoint.quantize_dir)
 into a temporary folder and read back by ``llama4.load``, which picks the compute paths (printed).
@@ -15,6 +15,12 @@ into a temporary folder and read back by ``llama4.load``, which picks the comput
   (time of generate(N+1) - time of generate(1)) so prefill cancels, schemes alternating, best of
   ``--reps``; ratio vs fp32 from the same run; eager (the default decode path). ``--bench-shape``
   adds the issue's benchmark shape (hidden 256, 8 layers, random weights) for speed only.
+* ``--compiled``: eager and torch.compile'd decode (llama4.infer.step; quantized layers take the
+  fused dequantizing reductions of llama4/quant/fused.py where they measured faster) at batch 1
+  and 8 (64-token prompts), with the bytes a step reads (weights touched + KV), the
+  share of the roofline (those bytes at the measured read bandwidth), tokens equal to fp32's and
+  compiled tokens equal to eager's. One thread count per process (``--threads``): inductor bakes
+  it into the kernels.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import torch
 
 import llama4
 from llama4.quant.checkpoint import quantize_dir
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench_decode: shapes, bytes per step, bandwidth
 
 PROMPT, GREEDY_PROMPT, GREEDY_NEW = 64, 24, 32
 
@@ -56,10 +64,10 @@ def label(scheme, g) -> str:
     return f"{scheme} g{g}" if g else scheme
 
 
-def decode_tps(model, prompt, new: int) -> float:
+def decode_tps(model, prompt, new: int, **kw) -> float:
     def timed(n):
         t = time.perf_counter()
-        llama4.generate(model, prompt, max_new_tokens=n)
+        llama4.generate(model, prompt, max_new_tokens=n, **kw)
         return time.perf_counter() - t
     return new / max(timed(new + 1) - timed(1), 1e-9)
 
@@ -135,6 +143,87 @@ def quality(src: Path, variants: dict, max_docs: int | None) -> None:
         print(f"| {name} | " + " | ".join(f"{d[l]:+.4f}" for l in langs) + " |")
 
 
+def step_bytes(model, batch: int, context: int, compiled: bool) -> int:
+    """Bytes one decode step reads: bench_decode.decode_step_bytes's fp32 count (weights touched +
+    KV), with each quantized module's fp32 weight replaced by what its path reads: the compact
+    fused form (compiled, 1 row), a kernel's packed form, or the fp32 copy."""
+    from bench_decode import decode_step_bytes
+
+    from llama4.quant.layers import QuantExperts, QuantLinear
+
+    a = model.args
+    total = decode_step_bytes(a, context, batch)
+    touched = 1 - (1 - a.top_k / a.n_experts) ** batch  # share of routed experts a step reads
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            if compiled and m.fused_rows >= batch:
+                now = sum(getattr(m, f"f_{k}").nbytes for k in m._fused)
+            elif m.path == "dequant":
+                now = sum(t.nbytes for t in m.stored().values())
+            else:
+                now = sum(getattr(m, f"k_{k}").nbytes for k in m._kernel)
+            total += now - 4 * m.in_features * m.out_features
+        elif isinstance(m, QuantExperts):
+            e, d, f = m.dims["w1"]
+            if compiled and m.fused and batch == 1:
+                now = sum(getattr(m, f"f_{w}_{p}").nbytes for w in m.NAMES for p in m._fused)
+            elif m.path == "fp32" or (batch > 1 and "k_w1" in m._buffers):
+                now = 3 * e * d * f * 4
+            else:
+                now = sum(t.nbytes for w in m.NAMES for t in m.stored(w).values())
+            total += round((now - 3 * e * d * f * 4) * touched)
+    return total
+
+
+def speed_compiled(title: str, src: Path, variants: dict, new: int, reps: int, batches=(1, 8)) -> None:
+    """Eager and compiled decode, batch 1 and 8, schemes alternating; bytes per step, roofline."""
+    from bench_decode import read_bandwidth
+
+    # every model here shares Transformer.forward's code object: one Dynamo cache entry per
+    # (model, batch) pair, more than the default limit of 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    models = {"fp32": llama4.load(src)}
+    for name, path in variants.items():
+        models[name] = llama4.load(path)
+    bw = read_bandwidth()
+    V = models["fp32"].args.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, V, (max(batches), PROMPT), generator=g).tolist()
+    ctx = PROMPT + new // 2
+    print(f"\n## decode, {title}: {PROMPT}-token prompt(s), {new} new tokens, best of {reps} (spread: "
+          f"worst/best), schemes alternating; read bandwidth {bw:.1f} GB/s "
+          f"({torch.get_num_threads()} thread(s)); load {os.getloadavg()}\n")
+    print("| batch | mode | weights | tokens/s | spread | vs fp32 (same mode) | MB read / step | "
+          "% of roofline | same tokens as fp32 | compiled == eager | paths (compiled: fused layers) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for B in batches:
+        prompt = prompts[0] if B == 1 else prompts[:B]
+        outs, res = {}, {}
+        for mode in ("eager", "compiled"):
+            comp = mode == "compiled"
+            for n, m in models.items():  # warm up, compile, reference tokens
+                outs[mode, n] = llama4.generate(m, prompt, max_new_tokens=new, compile=comp)
+            runs = {n: [] for n in models}
+            for _ in range(reps):
+                for n, m in models.items():
+                    runs[n].append(B * decode_tps(m, prompt, new, compile=comp))
+            for n, m in models.items():
+                best, worst = max(runs[n]), min(runs[n])
+                res[mode, n] = best
+                nb = step_bytes(m, B, ctx, comp) if n != "fp32" else None
+                if nb is None:
+                    from bench_decode import decode_step_bytes
+                    nb = decode_step_bytes(m.args, ctx, B)
+                roof = B * bw * 1e9 / nb
+                paths = "" if n == "fp32" else ", ".join(f"{c} x {p}" for p, c in _path_counts(m, comp and B == 1).items())
+                same = outs[mode, n] == outs[mode, "fp32"]
+                ce = "" if mode == "eager" else ("yes" if outs["compiled", n] == outs["eager", n] else "no")
+                print(f"| {B} | {mode} | {n} | {best:.1f} | {worst / best:.2f} | {best / res[mode, 'fp32']:.2f}x | "
+                      f"{nb / 1e6:.1f} | {100 * best / roof:.0f}% | {'yes' if same else 'no'} | {ce} | {paths} |",
+                      flush=True)
+    print(f"\nload at the end {os.getloadavg()}")
+
+
 def speed(title: str, src: Path, variants: dict, new: int, reps: int) -> None:
     models = {"fp32": llama4.load(src)}
     for name, path in variants.items():
@@ -157,12 +246,16 @@ def speed(title: str, src: Path, variants: dict, new: int, reps: int) -> None:
               f"{'yes' if same else 'no'} | {paths} |", flush=True)
 
 
-def _path_counts(model) -> dict:
+def _path_counts(model, compiled: bool = False) -> dict:
     from collections import Counter
 
     from llama4.quant.layers import QuantExperts, QuantLinear
 
-    return dict(Counter(m.path for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts))))
+    def path(m):
+        if compiled and (m.fused if isinstance(m, QuantExperts) else m.fused_rows):
+            return "fused"
+        return m.path
+    return dict(Counter(path(m) for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts))))
 
 
 def bench_shape_dir(tmp: Path) -> Path:
@@ -189,10 +282,13 @@ def main() -> None:
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--bench-shape", action="store_true", help="also time the issue's benchmark shape")
+    p.add_argument("--compiled", action="store_true",
+                   help="speed: eager and compiled decode at batch 1 and 8, bytes per step, roofline")
+    p.add_argument("--no-trained", action="store_true", help="speed: skip the trained model")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
-    print(f"# bench_quant: {cpu_name()}; torch {torch.__version__}, threads={torch.get_num_threads()}, "
+    print(f"# bench_quant: {cpu_name()}; load {os.getloadavg()}; torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; model {a.model}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -203,15 +299,16 @@ def main() -> None:
             variants[label(scheme, g)] = quantize_dir(src, tmp / s.replace(":", "_"), scheme, g)
         if not a.no_quality:
             quality(src, variants, a.max_docs)
-        if not a.no_speed:
-            speed(f"trained model {src}", src, variants, a.new, a.reps)
+        run = speed_compiled if a.compiled else speed
+        if not a.no_speed and not a.no_trained:
+            run(f"trained model {src}", src, variants, a.new, a.reps)
         if a.bench_shape:
             bsrc = bench_shape_dir(tmp)
             bvars = {}
             for s in a.schemes:
                 scheme, g = parse_scheme(s)
                 bvars[label(scheme, g)] = quantize_dir(bsrc, tmp / ("bench_" + s.replace(":", "_")), scheme, g)
-            speed("benchmark shape (hidden 256, 8 layers, random weights)", bsrc, bvars, a.new, a.reps)
+            run("benchmark shape (hidden 256, 8 layers, random weights)", bsrc, bvars, a.new, a.reps)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     from llama4.posttrain.cli_posttrain import add_subparser as add_posttrain
     from llama4.arena.cli import add_subparser as add_arena
     from llama4.quant.cli import add_subparser as add_quantize
+    from llama4.experiments.cli import add_subparser as add_experiment
+    from llama4.cli_export import add_subparsers as add_export
 
     add_tokenizer(sub)  # llama4 tokenizer train
     add_data(sub)  # llama4 data prepare
@@ -90,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_posttrain(sub)  # llama4 posttrain
     add_arena(sub)  # llama4 arena / arena ratings / arena export / arena auto
     add_quantize(sub)  # llama4 quantize
+    add_experiment(sub)  # llama4 experiment irope
+    add_export(sub)  # llama4 export gguf
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["metap"], ["sft"], ["dpo"], ["rl"], ["posttrain"]):
+    if (sys.argv[1:] if argv is None else argv)[:1] in (["train"], ["metap"], ["sft"], ["dpo"], ["rl"], ["posttrain"], ["experiment"]):
         # Before anything imports torch: OpenMP reads its wait policy once, and spinning threads
         # run training 3-10x slower on a shared 2-core machine (PLATFORM.md). The environment wins.
         import os

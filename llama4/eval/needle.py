@@ -150,6 +150,13 @@ def build_prompt(tok, filler: list[int], needle: Needle, length: int, depth: flo
     return ids
 
 
+def shortest_prompt(tok, kind: str = "passkey", fmt: str = "chat") -> int:
+    """About the fewest tokens a prompt can have: the frame, the needle and a sentence of filler."""
+    probe = Needle.make(kind, random.Random(0))
+    head, tail = prompt_frame(tok, probe, fmt)
+    return len(head) + len(tail) + len(tok.encode(" " + probe.sentence)) + 8  # + 8: longer numbers, a sentence
+
+
 # --------------------------------------------------------------------------------------------
 # the sweep
 
@@ -177,9 +184,7 @@ def run_needle(model, tok, model_name: str, lengths: list[int], depths: list[flo
     out = Path(out_dir)
     # Refuse what cannot run before generating anything: too short for the prompt, beyond the
     # model's limit or the memory (the longest cell).
-    probe = Needle.make(kind, random.Random(0))
-    head, tail = prompt_frame(tok, probe, fmt)
-    least = len(head) + len(tail) + len(tok.encode(" " + probe.sentence)) + 8  # + 8: longer numbers, a sentence
+    least = shortest_prompt(tok, kind, fmt)
     short = [L for L in lengths if L < least]
     if short:
         raise ValueError(f"--lengths: {short[0]} tokens is too short for the prompt (the instructions, question "

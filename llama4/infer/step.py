@@ -110,6 +110,10 @@ class DecodeStep:
         self.fn = model
         if compile:
             fn = _compiled.get(model)  # compiling takes seconds: once per model
+            if fn is None and getattr(model, "quantization", None):
+                from llama4.quant.apply import prepare_compiled  # quantized weights: fused reductions
+
+                prepare_compiled(model)
             if fn is None and self.on_cpu:
                 relayout_experts_for_decode(model)
                 fn = _compiled[model] = torch.compile(model, dynamic=False, backend=_cpu_decode_backend())

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from llama4.model.moe import GroupedExperts
-from llama4.quant import kernels
-from llama4.quant.formats import dequantize
+from llama4.quant import fused, kernels
+from llama4.quant.formats import dequantize, quantize
 from llama4.quant.layers import QuantExperts, QuantLinear
 
 # module names (text decoder) whose weights are quantized
@@ -115,7 +115,7 @@ def prepare(model: nn.Module, path: str = "auto", quiet: bool = False) -> dict[s
                 c = cache[key]
             else:
                 c = kernels.Choice(path if path in ("fp32", "dequant") else "fp32", 0.0)
-            m.set_path(c.path, c.speedup)
+            m.set_path(c.path, c.speedup, fp32_for_several=path == "auto" and c.path == "dequant")
             chosen[name] = c.path
     if chosen and not quiet:
         print(summary(model, chosen, device), file=sys.stderr)
@@ -148,3 +148,52 @@ def summary(model: nn.Module, chosen: dict[str, str], device=None) -> str:
         note = "; fp32 = dequantized at load, where no kernel beat fp32 at that size (memory saving on disk only)"
     return f"llama4 quant: {scheme} weights on {device or 'cpu'}, {torch.get_num_threads()} thread(s): " \
            + ", ".join(bits) + note
+
+
+def prepare_compiled(model: nn.Module, quiet: bool = False) -> dict[str, str]:
+    """Before a compiled decode (llama4.infer.step): per distinct layer shape, time the fused
+    dequantizing reduction (fused.py) against the fp32 reduction, both compiled by the decode
+    backend, at one row; where the fused one is ``fused.MARGIN`` faster, compiled one-row calls
+    take it (the weight is read in its compact width), else they keep the layer's path (fp32:
+    exactly the float model's compiled arithmetic). Calls of more rows (batch > 1, prefill)
+    always keep it. Routed experts: their per-expert matrices are timed the same way, and the
+    fp32 stacks are re-laid out [out, in] as the float model's are. Prints one line (unless
+    ``quiet``). -> {module: "fused" | its path}."""
+    chosen, cache = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            on_cpu = m.weight.device.type == "cpu"
+            key = ("linear", m.scheme, m.group_size, m.out_features, m.in_features)
+            if key not in cache:
+                cache[key] = fused.time_linear(m.scheme, m.stored(), m.group_size, m.dequantized(), fused.ROWS) \
+                    if on_cpu else (1.0, float("inf"))
+            t32, tf = cache[key]
+            win = t32 / tf >= fused.MARGIN
+            m.set_fused(fused.ROWS if win else 0, t32 / tf)
+            chosen[name] = "fused" if win else m.path
+        elif isinstance(m, QuantExperts):
+            m.relayout_for_decode()
+            on_cpu = m.w1_q.device.type == "cpu"
+            key = ("experts", m.scheme, m.group_size, m.dims["w1"])
+            if key not in cache:
+                t32 = tf = 0.0
+                for w, mult in (("w1", 2), ("w2", 1)):  # w3 is w1's shape
+                    deq = m.dequantized(w)[0].t().contiguous()  # expert 0 as an (out, in) weight
+                    st = quantize(deq, m.scheme, m.group_size)  # the same bytes in Linear layout
+                    a, b = fused.time_linear(m.scheme, st, m.group_size, deq, fused.ROWS) if on_cpu else (1.0, float("inf"))
+                    t32, tf = t32 + mult * a, tf + mult * b
+                cache[key] = (t32, tf)
+            t32, tf = cache[key]
+            win = t32 / tf >= fused.MARGIN
+            m.set_fused(win, t32 / tf)
+            chosen[name] = "fused" if win else m.path
+    if chosen and not quiet:
+        counts = Counter(chosen.values())
+        sp = [s for n, p in chosen.items() if p == "fused"
+              for s in [model.get_submodule(n).fused_speedup]]
+        rng = f" ({min(sp):.1f}-{max(sp):.1f}x the compiled fp32 reduction at 1 row)" if sp else ""
+        print(f"llama4 quant: compiled decode, {torch.get_num_threads()} thread(s): "
+              + ", ".join(f"{n} x {p}" + (rng if p == "fused" else "") for p, n in counts.most_common())
+              + "; batch > 1 and prefill keep the load-time paths", file=sys.stderr)
+    return chosen
+

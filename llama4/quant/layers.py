@@ -10,12 +10,14 @@ path needs (see kernels.py).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llama4.model.moe import GroupedExperts
-from llama4.quant import kernels
+from llama4.quant import fused, kernels
 from llama4.quant.formats import FLOAT16, dequantize, parts
 
 
@@ -58,6 +60,9 @@ class QuantLinear(nn.Module):
         self.speedup = 1.0
         self.dequant_from: int | None = None
         self._kernel: list[str] = []
+        self.fused_rows = 0  # compiled calls of up to this many rows run the fused reduction (fused.py)
+        self.fused_speedup = 1.0
+        self._fused: list[str] = []
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {p: getattr(self, "weight" if p == "q" else f"weight_{p}") for p in parts(self.scheme)}
@@ -83,7 +88,23 @@ class QuantLinear(nn.Module):
         self._kernel = list(kernel)
         self.path, self.speedup = path, speedup
 
+    def set_fused(self, rows: int, speedup: float = 1.0) -> None:
+        """Under torch.compile, inputs of up to ``rows`` rows (0: none) compute with the fused
+        dequantizing reduction over the compact weight; everything else takes ``path``."""
+        for name in self._fused:
+            delattr(self, f"f_{name}")
+        form = fused.linear_form(self.scheme, self.stored(), self.group_size) if rows else {}
+        for k, t in form.items():
+            self.register_buffer(f"f_{k}", t, persistent=False)
+        self._fused = list(form)
+        self.fused_rows, self.fused_speedup = rows, speedup
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_rows and torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= self.fused_rows:
+            y = fused.linear(self.scheme, x.reshape(-1, x.shape[-1]),
+                             {k: getattr(self, f"f_{k}") for k in self._fused}, self.group_size)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         if self.path == "fp32":
             w = self._buffers["k_w"]
             return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
@@ -96,23 +117,49 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
         d = f", dequant_from={self.dequant_from}" if self.dequant_from else ""
+        d += f", compiled up to {self.fused_rows} row(s): fused" if self.fused_rows else ""
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}{g}, path={self.path}{d}"
 
 
+def _several(idx) -> bool:
+    """An index of more than one token's experts (an int or a 0-d index is one expert of the loop
+    paths, which serve several tokens too)."""
+    return not isinstance(idx, torch.Tensor) or idx.dim() == 0 or idx.shape[0] > 1
+
+
 class _Stack:
-    """``experts.w1[ids]``: the float weights of the experts ``ids`` selects, dequantized on demand."""
+    """``experts.w1[ids]``: the float weights of the experts ``ids`` selects, dequantized on demand
+    (or, for several tokens, indexed from the fp32 copy where the module keeps one)."""
 
     def __init__(self, owner: "QuantExperts", name: str):
         self.owner, self.name = owner, name
 
     def __getitem__(self, idx) -> torch.Tensor:
         o = self.owner
+        k32 = o._buffers.get(f"k_{self.name}")
+        if k32 is not None and _several(idx):
+            return k32[idx]
         sel = {p: t[idx] for p, t in o.stored(self.name).items()}
         return dequantize(sel, o.scheme, -2)
 
     @property
     def shape(self):
         return torch.Size(self.owner.dims[self.name])
+
+
+class _FusedStack(_Stack):
+    """Under torch.compile: the selected experts' weights from the fused (E, out, in) form, as
+    (…, in, out) views with ``in`` contiguous (the decode backend reduces over it)."""
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        o = self.owner
+        if _several(idx):
+            # several tokens (batch > 1): the load-time path, as for QuantLinear (measured: the
+            # fused gather at batch 8 ran the whole compiled step 3x slower)
+            return k32[idx] if (k32 := o._buffers.get(f"k_{self.name}")) is not None else \
+                _Stack.__getitem__(self, idx)
+        k = {p: getattr(o, f"f_{self.name}_{p}") for p in o._fused}
+        return fused.gather_experts(o.scheme, k, idx, o.group_size)
 
 
 class QuantExperts(nn.Module):
@@ -130,12 +177,43 @@ class QuantExperts(nn.Module):
                 self.register_buffer(f"{name}_{part}", _empty(scheme, part, s))
         self.path = "dequant"  # correct before any path is prepared
         self.speedup = 1.0
+        self.fused, self.fused_speedup = False, 1.0  # compiled: gather from the fused form
+        self._fused: list[str] = []
 
-    # MoE's gather / loop paths index these like the float stacks: on the fp32 path they are the
-    # float stacks (no indirection on the decode step), else views that dequantize what is indexed
-    w1 = property(lambda self: self._buffers.get("k_w1") if self.path == "fp32" else _Stack(self, "w1"))
-    w2 = property(lambda self: self._buffers.get("k_w2") if self.path == "fp32" else _Stack(self, "w2"))
-    w3 = property(lambda self: self._buffers.get("k_w3") if self.path == "fp32" else _Stack(self, "w3"))
+    def _stack(self, name: str):
+        # MoE's gather / loop paths index these like the float stacks: compiled with the fused form,
+        # views that gather and dequantize inside the reduction; on the fp32 path the float stacks
+        # (no indirection on the decode step); else views that dequantize what is indexed
+        if self.fused and torch.compiler.is_compiling():
+            return _FusedStack(self, name)
+        return self._buffers.get(f"k_{name}") if self.path == "fp32" else _Stack(self, name)
+
+    w1 = property(lambda self: self._stack("w1"))
+    w2 = property(lambda self: self._stack("w2"))
+    w3 = property(lambda self: self._stack("w3"))
+
+    def set_fused(self, on: bool, speedup: float = 1.0) -> None:
+        """Compiled calls gather the selected experts from compact (E, out, in) forms (fused.py)."""
+        for name in self.NAMES:
+            for p in self._fused:
+                delattr(self, f"f_{name}_{p}")
+        parts_ = []
+        if on:
+            for name in self.NAMES:
+                form = fused.experts_form(self.scheme, self.stored(name), self.group_size)
+                for p, t in form.items():
+                    self.register_buffer(f"f_{name}_{p}", t, persistent=False)
+                parts_ = list(form)
+        self._fused = parts_
+        self.fused, self.fused_speedup = on, speedup
+
+    def relayout_for_decode(self) -> None:
+        """The fp32 stacks [out, in]-contiguous with the same shapes (as llama4.infer.step does for
+        the float model's experts), so a compiled decode reduces over contiguous memory."""
+        for name in self.NAMES:
+            t = self._buffers.get(f"k_{name}")
+            if t is not None and t.stride(-2) != 1:
+                self._buffers[f"k_{name}"] = t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
     def stored(self, name: str) -> dict[str, torch.Tensor]:
         return {p: getattr(self, f"{name}_{p}") for p in parts(self.scheme)}
@@ -143,20 +221,24 @@ class QuantExperts(nn.Module):
     def dequantized(self, name: str, dtype=torch.float32) -> torch.Tensor:
         return dequantize(self.stored(name), self.scheme, -2, dtype)
 
-    def set_path(self, path: str, speedup: float = 1.0) -> None:
+    def set_path(self, path: str, speedup: float = 1.0, fp32_for_several: bool = False) -> None:
+        """``fp32``: dequantize the stacks once; ``dequant``: dequantize the selected experts per
+        call, and with ``fp32_for_several`` keep an fp32 copy too for calls of several tokens
+        (dequantizing per expert wins at one token and loses at batch 8: 0.79-0.84x measured)."""
         if path not in ("fp32", "dequant"):
             raise ValueError(f"unknown expert path {path!r}; use 'fp32' or 'dequant'")
         for name in self.NAMES:
             if hasattr(self, f"k_{name}"):
                 delattr(self, f"k_{name}")
-            if path == "fp32":
+            if path == "fp32" or fp32_for_several:
                 self.register_buffer(f"k_{name}", self.dequantized(name), persistent=False)
         self.path, self.speedup = path, speedup
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         # x: (M, D) rows sorted by expert; counts: (E,) -> (M, D). Only experts with rows compute.
-        if self.path == "fp32":  # w1/w2/w3 are the float stacks: the float module's own grouped matmul
-            return GroupedExperts.forward(self, x, counts, impl)
+        if "k_w1" in self._buffers:  # an fp32 copy: the float module's own grouped matmul over it
+            f32 = SimpleNamespace(w1=self._buffers["k_w1"], w2=self._buffers["k_w2"], w3=self._buffers["k_w3"])
+            return GroupedExperts.forward(f32, x, counts, impl)
         outs = []
         for e, xe in enumerate(x.split(counts.tolist())):
             if xe.shape[0] == 0:
@@ -168,4 +250,5 @@ class QuantExperts(nn.Module):
     def extra_repr(self) -> str:
         e, d, f = self.dims["w1"]
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
-        return f"experts={e}, dim={d}, hidden={f}, scheme={self.scheme}{g}, path={self.path}"
+        c = ", compiled: fused" if self.fused else ""
+        return f"experts={e}, dim={d}, hidden={f}, scheme={self.scheme}{g}, path={self.path}{c}"
