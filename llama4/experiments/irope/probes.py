@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from llama4.eval.common import write_json
 from llama4.eval.longppl import long_ppl, write_long_ppl
 from llama4.eval.needle import run_needle
 
@@ -126,7 +125,3 @@ def _measure(model_dir: str, lengths: list[int], piece: int, threads: int) -> No
 
 if __name__ == "__main__":
     _measure(sys.argv[1], [int(x) for x in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4]))
-
-
-def save_probe_summary(res: dict, path: Path) -> None:
-    write_json(path, res)
