@@ -422,20 +422,13 @@ def _load_float(src: Path, notes: list[str]) -> Transformer | MultimodalTransfor
             raise CheckpointError(f"{cfg_file}: cannot read JSON: {e}") from None
     if not (isinstance(cfg, dict) and cfg.get("quantization_config")):
         return load(src)
+    from llama4.quant.apply import dequantized_state
     from llama4.quant.checkpoint import load_quantized
-    from llama4.quant.layers import QuantExperts, QuantLinear
 
     qmodel = load_quantized(src, cfg, path_choice="dequant")  # no kernel timing: only its weights are read
     scheme = qmodel.quantization["scheme"]
     model = build_on_meta(qmodel.args)
-    state = {k: v.detach().float() for k, v in qmodel.named_parameters()}
-    for mname, m in qmodel.named_modules():
-        if isinstance(m, QuantLinear):
-            state[f"{mname}.weight"] = m.dequantized()
-        elif isinstance(m, QuantExperts):
-            for w in QuantExperts.NAMES:
-                state[f"{mname}.{w}"] = m.dequantized(w)
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(dequantized_state(qmodel), assign=True, strict=True)
     model.init_buffers()
     notes.append(f"dequantized from the folder's {scheme} weights (llama.cpp's own types are "
                  f"f16/q8_0/q4_0; the values written are the {scheme} model's)")

@@ -197,3 +197,16 @@ def prepare_compiled(model: nn.Module, quiet: bool = False) -> dict[str, str]:
               + "; batch > 1 and prefill keep the load-time paths", file=sys.stderr)
     return chosen
 
+
+def dequantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The float state dict of a quantized model: its float parameters as they are, every quantized
+    weight dequantized to float32 under the float model's name (``llama4 export gguf`` writes it;
+    the tests compare a quantized model with the float model that holds it)."""
+    state = {k: v.detach().float() for k, v in model.named_parameters()}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            state[f"{name}.weight"] = m.dequantized()
+        elif isinstance(m, QuantExperts):
+            for w in QuantExperts.NAMES:
+                state[f"{name}.{w}"] = m.dequantized(w)
+    return state

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from llama4.quant.layers import QuantExperts, QuantLinear
+from llama4.quant.apply import dequantized_state
 
 
 def float_twin(model_q, model_f):
     """Copy dequantized weights of every quantized module of model_q into the float model_f."""
     with torch.no_grad():
-        for name, m in model_q.named_modules():
-            if isinstance(m, QuantLinear):
-                model_f.get_submodule(name).weight.copy_(m.dequantized())
-            elif isinstance(m, QuantExperts):
-                for w in QuantExperts.NAMES:
-                    getattr(model_f.get_submodule(name), w).copy_(m.dequantized(w))
+        for k, v in dequantized_state(model_q).items():
+            model_f.get_parameter(k).copy_(v)

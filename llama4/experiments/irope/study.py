@@ -69,14 +69,25 @@ def _probe_job(job: dict) -> dict:
     apply_temperature(model, job["setting"])
     res = probe(model, tok, job["name"], Path(job["out"]), job["train_len"], job["multiples"],
                 job["needle_multiples"], job["depths"], job["n_docs"], job["piece"])
-    res.update(name=job["name"], train_len=job["train_len"], setting=job["setting"], model=str(job["model"]))
+    res.update(name=job["name"], train_len=job["train_len"], setting=job["setting"], model=str(job["model"]),
+               probe=_what(job))
     write_json(Path(job["out"]) / "result.json", res)
     return res
 
 
+def _what(job: dict) -> dict:
+    """What a probe's result depends on (not how it was run: label, threads)."""
+    return {k: v for k, v in job.items() if k not in ("label", "threads", "out")}
+
+
+def _done(job: dict) -> bool:
+    path = Path(job["out"]) / "result.json"
+    return path.is_file() and json.loads(path.read_text()).get("probe") == _what(job)
+
+
 def run_probes(jobs: list[dict], workers: int) -> list[dict]:
-    """Each job's ``result.json``, computing only the missing ones."""
-    todo = [j for j in jobs if not (Path(j["out"]) / "result.json").is_file()]
+    """Each job's ``result.json``, computing only those missing or made with other settings."""
+    todo = [j for j in jobs if not _done(j)]
     if todo:
         say(f"probing {len(todo)} model(s)/setting(s), {workers} at a time: " + ", ".join(j["label"] for j in todo))
         if workers <= 1:
