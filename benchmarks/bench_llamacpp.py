@@ -37,6 +37,7 @@ from bench_decode import bench_args  # noqa: E402
 from bench_quant import cpu_name, decode_tps  # noqa: E402
 
 import llama4  # noqa: E402
+from llama4.infer import step  # noqa: E402
 
 PROMPT = 512
 OURS = ("fp32", "bf16", "int8", "int4")  # int4: group 32
@@ -157,6 +158,10 @@ def main() -> None:
         dec, pp, toks = {}, {}, {}
         for th in a.threads:
             torch.set_num_threads(th)
+            # a compiled step's kernels are generated for one thread count (llama4.infer.step):
+            # compile afresh at each count, as a process started with that count would
+            step._compiled.clear()
+            torch._dynamo.reset()
             cpp = {t: cpp_model(path, th, n_ctx) for t, (path, _) in ggufs.items()}
             for name, m in ours.items():  # warm-up and compile
                 for mode in modes:

@@ -65,3 +65,37 @@ def test_guard_skipping_needs_a_static_cache_and_the_cache_needs_a_plan():
         cache.decode(DecodeStep(m, compile=True), torch.tensor([[4]]))
     with torch.no_grad(), pytest.raises(RuntimeError, match="through KVCache.prefill or KVCache.decode"):
         m(torch.tensor([[4]]), positions=torch.tensor([3]), cache=cache)  # no write plan: refused
+
+
+def test_compiled_step_runs_at_its_measured_thread_count_and_restores_torchs(monkeypatch):
+    """Inductor bakes the thread count into its kernels, so the compiled CPU step picks one (1 or
+    torch's, by a timed proxy), compiles and runs every call under it, and leaves torch's setting
+    as it found it; its tokens are the eager ones either way."""
+    from llama4.infer import step as step_mod
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, n_experts=4,
+                     top_k=1, expert_dim=24, dense_dim=48, interleave_moe_layer_step=2, attention_chunk_size=4)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert step_mod.decode_threads(Transformer(args)) == 1  # nothing to choose: no measurement
+        torch.set_num_threads(2)
+        t1, t2 = step_mod._proxy_times(2, 32, 48, 2)
+        assert t1 > 0 and t2 > 0
+        assert step_mod.decode_threads(Transformer(args), quiet=True) in (1, 2)
+        for forced in (1, 2):
+            monkeypatch.setattr(step_mod, "decode_threads", lambda model, quiet=False, n=forced: n)
+            torch.manual_seed(0)
+            m = Transformer(args).eval()
+            m.init_weights(std=0.5)
+            eager = llama4.generate(m, [1, 2, 3, 4, 5], max_new_tokens=6)
+            seen = []
+            real = step_mod.DecodeStep._run
+            monkeypatch.setattr(step_mod.DecodeStep, "_run",
+                                lambda self, *a: seen.append(torch.get_num_threads()) or real(self, *a))
+            assert llama4.generate(m, [1, 2, 3, 4, 5], max_new_tokens=6, compile=True) == eager
+            monkeypatch.setattr(step_mod.DecodeStep, "_run", real)
+            assert seen and set(seen) == {forced}
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

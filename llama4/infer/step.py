@@ -25,6 +25,12 @@ These choices are made here, outside the model:
   contiguous too. The reduction streams the weights once per row (measured over 48 MB of
   weights: 21.6 GB/s at 1 row, 7.9 at 4, 4.6 at 8, where MKL gives 5.1), so BLAS keeps wider
   steps.
+* **Its own thread count** (compiled, CPU). Inductor bakes the thread count into the kernels it
+  generates, and a decode step is ~40 small parallel regions, each paying a thread hand-off: on
+  our 2-core VM two threads made the fp32 step 1.4x faster with OpenMP's default wait policy and
+  3x slower with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep between regions). So the step measures
+  a proxy of itself (a chain of the model's one-row FFN matmuls, compiled by the same backend) at
+  one thread and at torch's count, compiles for the faster, and runs every call under it.
 * **Guard-light calls** (compiled only). Once a call shape has passed Dynamo's full guards,
   later calls of that shape skip them (0.3 ms per CPU step). That is safe because of the
   invariant stated at ``DecodeStep._run``: with a static cache, everything the graph specializes
@@ -36,6 +42,9 @@ The eager path with the model's own MoE is the reference; tests check they agree
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import time
 import weakref
 
 import torch
@@ -46,7 +55,8 @@ from llama4.model.moe import GroupedExperts, MoE
 
 _NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+# model -> (its compiled decode function, the thread count its kernels were generated for)
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 SMALL_ROWS = 4  # measured: reductions beat MKL up to 4 rows (2x at 1 row), tie at 8
@@ -87,6 +97,85 @@ def _cpu_decode_backend():
     return functools.partial(compile_fx, decompositions=table, config_patches={"cpp_wrapper": True})
 
 
+def compile_for_decode(fn, inputs):
+    """``fn`` compiled by the CPU decode backend for torch's current thread count, called without
+    Dynamo (no guards, no recompile limit): for timing candidate kernels. -> f(list of inputs)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn)(*inputs)
+    for node in gm.graph.nodes:  # inductor re-derives them in its own fake mode
+        node.meta.clear()
+    compiled = _cpu_decode_backend()(gm, inputs)
+    return lambda args: compiled(*args)
+
+
+def best_time(fn, inputs, reps: int, rounds: int = 7) -> float:
+    """Best of ``rounds`` (a shared machine only ever adds time), seconds per call of fn(inputs)."""
+    for _ in range(3):
+        fn(inputs)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn(inputs)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+THREADS_MARGIN = 1.05  # more threads must beat one by this much on the proxy: one is the safe side
+_PROXY_BYTES = 32e6  # enough weights to leave L2, as a model's step does; bounded for big models
+
+
+@functools.cache
+def _proxy_times(threads: int, dim: int, ffn: int, pairs: int) -> tuple[float, float]:
+    """(seconds at 1 thread, at ``threads``) of a chain of ``pairs`` one-row FFNs, dim -> ffn -> dim,
+    each compiled by the decode backend for that thread count."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(*shape, generator=g) * dim ** -0.5 for _ in range(pairs) for shape in ((ffn, dim), (dim, ffn))]
+    x = torch.randn(1, dim, generator=g)
+
+    def chain(x, *ws):
+        for w1, w2 in zip(ws[0::2], ws[1::2]):
+            x = x + torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(x, w1)), w2)
+        return x
+
+    saved, out = torch.get_num_threads(), []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                f = compile_for_decode(chain, [x, *ws])
+                out.append(best_time(f, [x, *ws], reps=20, rounds=5))
+    finally:
+        torch.set_num_threads(saved)
+    return out[0], out[1]
+
+
+def decode_threads(model: torch.nn.Module, quiet: bool = False) -> int:
+    """Threads for the model's compiled CPU decode step: torch's count if a proxy step ran at least
+    ``THREADS_MARGIN`` faster with them than with one thread, else one. Says which once (stderr)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        return 1
+    a = model.args
+    dim = a.dim
+    ffn = max(a.dense_dim or 0, a.expert_dim or 0, dim)
+    pair = 2 * dim * ffn * 4
+    pairs = max(1, min(a.n_layers, int(_PROXY_BYTES // pair)))
+    ffn = min(ffn, max(dim, int(_PROXY_BYTES // (8 * dim))))  # one pair of a very wide model, capped
+    t1, tn = _proxy_times(n, dim, ffn, pairs)
+    pick = n if t1 / tn >= THREADS_MARGIN else 1
+    if not quiet:
+        _say_threads(pick, n, t1 / tn)
+    return pick
+
+
+@functools.cache
+def _say_threads(pick: int, n: int, speedup: float) -> None:
+    print(f"llama4 decode: compiled for {pick} thread(s) (a proxy step ran {speedup:.2f}x as fast on {n} "
+          f"threads as on 1; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})", file=sys.stderr)
+
+
 def relayout_experts_for_decode(model: torch.nn.Module) -> None:
     """Store each routed expert's weights [out, in]-contiguous, in place: same shapes, values and
     parameters (a transposed view of new storage), so a decode-time reduction over ``in`` reads
@@ -108,18 +197,26 @@ class DecodeStep:
         self.top_k = model.args.top_k
         self.on_cpu = next(model.parameters()).device.type == "cpu"
         self.fn = model
+        self.threads = None  # None: torch's current count
         if compile:
-            fn = _compiled.get(model)  # compiling takes seconds: once per model
-            if fn is None and getattr(model, "quantization", None):
-                from llama4.quant.apply import prepare_compiled  # quantized weights: fused reductions
-
-                prepare_compiled(model)
+            fn, threads = _compiled.get(model, (None, None))  # compiling takes seconds: once per model
             if fn is None and self.on_cpu:
+                threads = decode_threads(model)
+                saved = torch.get_num_threads()
+                torch.set_num_threads(threads)  # the fused kernels are timed at the count they will run at
+                try:
+                    if getattr(model, "quantization", None):
+                        from llama4.quant.apply import prepare_compiled  # quantized weights: fused reductions
+
+                        prepare_compiled(model)
+                finally:
+                    torch.set_num_threads(saved)
                 relayout_experts_for_decode(model)
-                fn = _compiled[model] = torch.compile(model, dynamic=False, backend=_cpu_decode_backend())
+                fn = torch.compile(model, dynamic=False, backend=_cpu_decode_backend())
             elif fn is None:
-                fn = _compiled[model] = torch.compile(model, dynamic=False)
-            self.fn = fn
+                fn = torch.compile(model, dynamic=False)
+            _compiled[model] = (fn, threads)
+            self.fn, self.threads = fn, threads
         self.compiled = compile
         self._warm: set[tuple] = set()  # signatures this step has already run compiled
 
@@ -180,6 +277,9 @@ class DecodeStep:
         if impl is not None:
             for m in self.moe:
                 m.impl = impl
+        saved_threads = torch.get_num_threads()
+        if self.threads is not None and self.threads != saved_threads:
+            torch.set_num_threads(self.threads)  # inductor generates the kernels for the count at hand
         try:
             if self.on_cpu:
                 return self._run(tokens, positions, cache, kw)
@@ -188,5 +288,7 @@ class DecodeStep:
             with sdpa_kernel(_NO_CUDNN):
                 return self._run(tokens, positions, cache, kw)
         finally:
+            if torch.get_num_threads() != saved_threads:
+                torch.set_num_threads(saved_threads)
             for m, old in zip(self.moe, saved):
                 m.impl = old

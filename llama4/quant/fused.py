@@ -102,35 +102,6 @@ ROWS = 1
 _TARGET_BYTES = 4e6  # timed copies of the layer so that its weights leave L2, as a whole model's do
 
 
-def _compile(fn, inputs):
-    """``fn`` compiled by the decode step's own backend, called without Dynamo (no guards, no
-    recompile limit: each timed shape is a fresh graph)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from llama4.infer.step import _cpu_decode_backend
-
-    gm = make_fx(fn)(*inputs)
-    for node in gm.graph.nodes:  # inductor re-derives them in its own fake mode
-        node.meta.clear()
-    compiled = _cpu_decode_backend()(gm, inputs)
-    return lambda args: compiled(*args)
-
-
-def _best(fn, inputs, reps: int, rounds: int = 7) -> float:
-    """Best of ``rounds`` (a shared machine only ever adds time), seconds per call."""
-    import time
-
-    for _ in range(3):
-        fn(inputs)
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn(inputs)
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
-
-
 def _copies(nbytes: int) -> int:
     return int(max(2, min(16, _TARGET_BYTES // max(1, nbytes))))
 
@@ -139,6 +110,8 @@ def time_linear(scheme: str, stored: dict, group_size: int | None, dequantized: 
                 ) -> tuple[float, float]:
     """(fp32 seconds, fused seconds) per call of one (N, K) layer at ``rows`` rows, each compiled
     by the decode backend (where fp32 ``linear`` of up to 4 rows is itself a reduction)."""
+    from llama4.infer.step import best_time, compile_for_decode
+
     n, kdim = dequantized.shape
     c = _copies(n * kdim * 4)
     form = linear_form(scheme, stored, group_size)
@@ -159,8 +132,8 @@ def time_linear(scheme: str, stored: dict, group_size: int | None, dequantized: 
 
     reps = max(5, int(2e7 // (n * kdim * c)))
     with torch.no_grad():
-        a = _compile(fp32, [x, *f32])
-        b = _compile(fused, [x, *forms])
-        t32 = _best(lambda i: a(i), [x, *f32], reps)
-        tf = _best(lambda i: b(i), [x, *forms], reps)
+        a = compile_for_decode(fp32, [x, *f32])
+        b = compile_for_decode(fused, [x, *forms])
+        t32 = best_time(a, [x, *f32], reps)
+        tf = best_time(b, [x, *forms], reps)
     return t32 / c, tf / c

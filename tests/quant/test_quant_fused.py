@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import llama4
+from llama4.infer.step import compile_for_decode
 from llama4.quant import apply, formats, fused
 from llama4.quant.layers import QuantExperts, QuantLinear
 from serving import write_tiny_model_dir
@@ -31,7 +32,7 @@ def test_compiled_fused_linear_matches_dequantized_twin(scheme, g, one_thread):
     names = sorted(form)
     for rows in (1, 3):
         x = torch.randn(rows, 128)
-        run = fused._compile(lambda x, *ts: fused.linear(scheme, x, dict(zip(names, ts)), g),
+        run = compile_for_decode(lambda x, *ts: fused.linear(scheme, x, dict(zip(names, ts)), g),
                              [x, *(form[k] for k in names)])
         y = run([x, *(form[k] for k in names)])
         y = y[0] if isinstance(y, (list, tuple)) else y
