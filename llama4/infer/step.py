@@ -278,7 +278,8 @@ class DecodeStep:
             for m in self.moe:
                 m.impl = impl
         saved_threads = torch.get_num_threads()
-        if self.threads is not None and self.threads != saved_threads:
+        switch = self.threads is not None and self.threads != saved_threads
+        if switch:
             torch.set_num_threads(self.threads)  # inductor generates the kernels for the count at hand
         try:
             if self.on_cpu:
@@ -288,7 +289,7 @@ class DecodeStep:
             with sdpa_kernel(_NO_CUDNN):
                 return self._run(tokens, positions, cache, kw)
         finally:
-            if torch.get_num_threads() != saved_threads:
+            if switch:
                 torch.set_num_threads(saved_threads)
             for m, old in zip(self.moe, saved):
                 m.impl = old
