@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent / "tests"))
 from bench_decode import bench_args  # noqa: E402
 from bench_quant import cpu_name, decode_tps  # noqa: E402
+from oracles import extra_buffers_crash, llama_cpp_model  # noqa: E402  (tests/: how llama.cpp is opened)
 
 import llama4  # noqa: E402
 from llama4.infer import step  # noqa: E402
@@ -85,9 +87,7 @@ def build(tmp: Path):
 # --- llama.cpp ---------------------------------------------------------------------------------
 
 def cpp_model(path: Path, threads: int, n_ctx: int):
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads,
+    return llama_cpp_model(path, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_threads=threads,
                            n_threads_batch=threads, logits_all=False, verbose=False)
 
 
@@ -154,6 +154,10 @@ def main() -> None:
     pps = {n: torch.randint(0, 8192, (n,), generator=g).tolist() for n in a.pp}
     with tempfile.TemporaryDirectory() as tmp:
         ours, ggufs, args = build(Path(tmp))
+        crashed = [t for t, (path, _) in ggufs.items() if extra_buffers_crash(str(path))]
+        if crashed:
+            print(f"# llama.cpp crashed with its extra weight-buffer types (AMX / repacked kernels) on "
+                  f"{', '.join(crashed)}: those files run without them here (tests/oracles.py)")
         n_ctx = max([PROMPT + a.new + 8, *a.pp]) + 8
         dec, pp, toks = {}, {}, {}
         for th in a.threads:

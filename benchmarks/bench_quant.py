@@ -294,7 +294,8 @@ def main() -> None:
         tmp = Path(tmp)
         src = Path(a.model)
         variants = {}
-        for s in a.schemes:
+        trained = not a.no_quality or not (a.no_speed or a.no_trained)
+        for s in a.schemes if trained else ():  # the trained model only where something reads it
             scheme, g = parse_scheme(s)
             variants[label(scheme, g)] = quantize_dir(src, tmp / s.replace(":", "_"), scheme, g)
         if not a.no_quality:

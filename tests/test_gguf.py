@@ -20,6 +20,7 @@ import llama4
 from llama4.checkpoint.gguf import export_gguf, llama_cpp_mismatches, moe_step
 from llama4.cli import main as cli
 from llama4.model import ModelArgs, RopeScaling, Transformer
+from oracles import llama_cpp_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,9 +88,8 @@ def ours(files):
 
 
 def _llama(path, n_ctx=512):
-    llama_cpp = _oracle("llama_cpp", "llama-cpp-python==0.3.36")
     # f32 KV cache (the default is f16) and no flash attention, so llama.cpp computes in f32 as we do
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=1,
+    return llama_cpp_model(path, n_ctx=n_ctx, n_batch=512, logits_all=True, n_threads=1,
                            n_threads_batch=1, type_k=0, type_v=0, flash_attn=False, verbose=False)
 
 

@@ -64,6 +64,17 @@ def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out[:, :, :T]
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+                        ) -> torch.Tensor:
+    """Attention of one query per row (a decode step) with grouped KV heads: q (B, H, 1, hd),
+    k/v (B, H_kv, S, hd), mask None or (B or 1, 1, 1, S). The H / H_kv query heads that share a KV
+    head attend as that head's rows, so K and V are read once per KV head, in one small matrix
+    product, rather than once per query head in vector products (what ``enable_gqa`` does)."""
+    B, H, _, hd = q.shape
+    out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], hd), k, v, attn_mask=mask)
+    return out.reshape(B, H, 1, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -110,7 +121,10 @@ class Attention(nn.Module):
 
         if cache is not None:
             k, v, mask = cache.update(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if T == 1 and gqa and (mask is None or type(mask) is torch.Tensor):
+                out = one_query_attention(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif self.chunk_size is not None:
             out = chunked_causal_attention(q, k, v, self.chunk_size)
         else:

@@ -25,6 +25,9 @@ inductor fuses with the index and the dequantization, so only the chosen experts
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 
 from llama4.quant.formats import FLOAT16, unpack_int4
@@ -99,26 +102,34 @@ MARGIN = 1.10  # as kernels.MARGIN: the fused reduction must beat fp32 by this m
 # lost to the compiled fp32 matmul on every shape but the int8 head (0.5-0.8x; each row streams the
 # weight again), and a batch-8 step with the experts gathered fused ran 3x slower than fp32.
 ROWS = 1
-_TARGET_BYTES = 4e6  # timed copies of the layer so that its weights leave L2, as a whole model's do
+_CALL_BYTES = 4e6  # fp32 bytes of the layer copies one timed call multiplies (amortises the call)
+# fp32 bytes the timing cycles through: a decode step streams every layer of the model between two
+# reads of one, so each layer's weights come from L3 or DRAM, never from L2. 4 MB once stood for
+# that, but two cores with 2 MB of L2 each held it: fp32 then timed 3.3x faster on 2 threads than
+# on 1 and the fused kernels lost layers they win in the model.
+_TARGET_BYTES = 32e6
 
 
 def _copies(nbytes: int) -> int:
-    return int(max(2, min(16, _TARGET_BYTES // max(1, nbytes))))
+    return int(max(2, min(16, _CALL_BYTES // max(1, nbytes))))
 
 
 def time_linear(scheme: str, stored: dict, group_size: int | None, dequantized: torch.Tensor, rows: int
                 ) -> tuple[float, float]:
     """(fp32 seconds, fused seconds) per call of one (N, K) layer at ``rows`` rows, each compiled
-    by the decode backend (where fp32 ``linear`` of up to 4 rows is itself a reduction)."""
+    by the decode backend (where fp32 ``linear`` of up to 4 rows is itself a reduction). Each call
+    multiplies ``c`` copies of the layer; successive calls cycle through enough such sets that the
+    weights leave the caches between their reads, as in the model's step."""
     from llama4.infer.step import best_time, compile_for_decode
 
     n, kdim = dequantized.shape
     c = _copies(n * kdim * 4)
+    sets = max(1, math.ceil(_TARGET_BYTES / (c * n * kdim * 4)))
     form = linear_form(scheme, stored, group_size)
     names = sorted(form)
     x = torch.randn(rows, kdim)
-    f32 = [dequantized.clone() for _ in range(c)]
-    forms = [t.clone() for _ in range(c) for t in (form[k] for k in names)]
+    f32 = [[x, *(dequantized.clone() for _ in range(c))] for _ in range(sets)]
+    forms = [[x, *(form[k].clone() for _ in range(c) for k in names)] for _ in range(sets)]
 
     def fp32(x, *ws):
         return torch.cat([torch.nn.functional.linear(x, w) for w in ws], -1)
@@ -130,10 +141,14 @@ def time_linear(scheme: str, stored: dict, group_size: int | None, dequantized: 
             outs.append(linear(scheme, x, k, group_size))
         return torch.cat(outs, -1)
 
-    reps = max(5, int(2e7 // (n * kdim * c)))
+    def cycling(f, inputs):
+        it = itertools.cycle(inputs)
+        return lambda _: f(next(it))
+
+    reps = max(5, sets, int(2e7 // (n * kdim * c)))
     with torch.no_grad():
-        a = compile_for_decode(fp32, [x, *f32])
-        b = compile_for_decode(fused, [x, *forms])
-        t32 = best_time(a, [x, *f32], reps)
-        tf = best_time(b, [x, *forms], reps)
+        a = compile_for_decode(fp32, f32[0])
+        b = compile_for_decode(fused, forms[0])
+        t32 = best_time(cycling(a, f32), None, reps)
+        tf = best_time(cycling(b, forms), None, reps)
     return t32 / c, tf / c
