@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llama4.model import ConfigError, ModelArgs, MoE, Transformer, count_params, flavor
-from llama4.model.attention import chunked_causal_attention
+from llama4.model.attention import chunked_causal_attention, one_query_attention
 
 MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "llama4" / "model"
 
@@ -110,6 +110,23 @@ def test_chunk_folding_equals_chunked_mask(T):
     q, k, v = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16), torch.randn(2, 2, T, 16)
     torch.testing.assert_close(chunked_causal_attention(q, k, v, 8), _masked_reference(q, k, v, 8),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (8, 2), (6, 1), (4, 4)])
+@pytest.mark.parametrize("mask", [None, "per_row", "shared"])
+def test_one_query_attention_equals_grouped_sdpa(heads, kv_heads, mask):
+    # decode: each KV head's query heads attend as its rows; masks are per row (or shared), never per head
+    g = torch.Generator().manual_seed(0)
+    B, S = 3, 37
+    q = torch.randn(B, 1, heads, 16, generator=g).transpose(1, 2)  # (B, H, 1, hd) as Attention makes it
+    k, v = torch.randn(B, kv_heads, S, 16, generator=g), torch.randn(B, kv_heads, S, 16, generator=g)
+    m = None
+    if mask == "per_row":
+        m = (torch.arange(S) <= torch.tensor([[3], [20], [36]])).view(B, 1, 1, S)
+    elif mask == "shared":
+        m = (torch.arange(S) <= 30).view(1, 1, 1, S)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=heads != kv_heads)
+    torch.testing.assert_close(one_query_attention(q, k, v, m), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
