@@ -121,6 +121,8 @@ class Attention(nn.Module):
 
         if cache is not None:
             k, v, mask = cache.update(k, v)
+            # exact type: a prefill piece's lazy mask (llama4.infer.masks.PieceMask) is a Tensor
+            # subclass that routes SDPA to its own kernels
             if T == 1 and gqa and (mask is None or type(mask) is torch.Tensor):
                 out = one_query_attention(q, k, v, mask)
             else:
