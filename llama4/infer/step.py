@@ -123,7 +123,10 @@ def best_time(fn, inputs, reps: int, rounds: int = 7) -> float:
 
 
 THREADS_MARGIN = 1.05  # more threads must beat one by this much on the proxy: one is the safe side
-_PROXY_BYTES = 32e6  # enough weights to leave L2, as a model's step does; bounded for big models
+# fp32 weight bytes a timing streams (the thread proxy here, quant/fused.py's per-layer timing): a
+# decode step reads every layer between two reads of one, so its weights come from L3 or DRAM, never
+# L2; 4 MB did not do that (two cores' L2 held it). Bounded, so big models time quickly.
+TIMING_BYTES = 32e6
 
 
 @functools.cache
@@ -161,8 +164,8 @@ def decode_threads(model: torch.nn.Module, quiet: bool = False) -> int:
     dim = a.dim
     ffn = max(a.dense_dim or 0, a.expert_dim or 0, dim)
     pair = 2 * dim * ffn * 4
-    pairs = max(1, min(a.n_layers, int(_PROXY_BYTES // pair)))
-    ffn = min(ffn, max(dim, int(_PROXY_BYTES // (8 * dim))))  # one pair of a very wide model, capped
+    pairs = max(1, min(a.n_layers, int(TIMING_BYTES // pair)))
+    ffn = min(ffn, max(dim, int(TIMING_BYTES // (8 * dim))))  # one pair of a very wide model, capped
     t1, tn = _proxy_times(n, dim, ffn, pairs)
     pick = n if t1 / tn >= THREADS_MARGIN else 1
     if not quiet:

@@ -103,11 +103,6 @@ MARGIN = 1.10  # as kernels.MARGIN: the fused reduction must beat fp32 by this m
 # weight again), and a batch-8 step with the experts gathered fused ran 3x slower than fp32.
 ROWS = 1
 _CALL_BYTES = 4e6  # fp32 bytes of the layer copies one timed call multiplies (amortises the call)
-# fp32 bytes the timing cycles through: a decode step streams every layer of the model between two
-# reads of one, so each layer's weights come from L3 or DRAM, never from L2. 4 MB once stood for
-# that, but two cores with 2 MB of L2 each held it: fp32 then timed 3.3x faster on 2 threads than
-# on 1 and the fused kernels lost layers they win in the model.
-_TARGET_BYTES = 32e6
 
 
 def _copies(nbytes: int) -> int:
@@ -120,11 +115,11 @@ def time_linear(scheme: str, stored: dict, group_size: int | None, dequantized: 
     by the decode backend (where fp32 ``linear`` of up to 4 rows is itself a reduction). Each call
     multiplies ``c`` copies of the layer; successive calls cycle through enough such sets that the
     weights leave the caches between their reads, as in the model's step."""
-    from llama4.infer.step import best_time, compile_for_decode
+    from llama4.infer.step import TIMING_BYTES, best_time, compile_for_decode
 
     n, kdim = dequantized.shape
     c = _copies(n * kdim * 4)
-    sets = max(1, math.ceil(_TARGET_BYTES / (c * n * kdim * 4)))
+    sets = max(1, math.ceil(TIMING_BYTES / (c * n * kdim * 4)))  # cycled: out of L2, as in the model
     form = linear_form(scheme, stored, group_size)
     names = sorted(form)
     x = torch.randn(rows, kdim)
