@@ -89,13 +89,63 @@ def test_compiled_step_runs_at_its_measured_thread_count_and_restores_torchs(mon
             m = Transformer(args).eval()
             m.init_weights(std=0.5)
             eager = llama4.generate(m, [1, 2, 3, 4, 5], max_new_tokens=6)
-            seen = []
-            real = step_mod.DecodeStep._run
-            monkeypatch.setattr(step_mod.DecodeStep, "_run",
-                                lambda self, *a: seen.append(torch.get_num_threads()) or real(self, *a))
+            seen = []  # threads when the whole-step graph is compiled and at each of its calls
+            real = step_mod.DecodeStep._trace_whole
+
+            def traced(self, *a):
+                seen.append(torch.get_num_threads())
+                graph = real(self, *a)
+                return lambda args: seen.append(torch.get_num_threads()) or graph(args)
+
+            monkeypatch.setattr(step_mod.DecodeStep, "_trace_whole", traced)
             assert llama4.generate(m, [1, 2, 3, 4, 5], max_new_tokens=6, compile=True) == eager
-            monkeypatch.setattr(step_mod.DecodeStep, "_run", real)
-            assert seen and set(seen) == {forced}
+            monkeypatch.setattr(step_mod.DecodeStep, "_trace_whole", real)
+            assert len(seen) == 6 and set(seen) == {forced}  # compiled once, 5 decode steps
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+def test_whole_step_graph_is_the_eager_step_and_reads_the_current_weights():
+    """A compiled CPU step over a static cache runs the device side of KVCache.decode as one graph
+    of flat tensors (DecodeStep.decode_whole): its logits, key/value writes and position updates
+    are the eager step's, for rows of different lengths and a row that is not decoding; weights
+    changed in place after compiling are the ones it reads; grad mode and a dynamic cache keep
+    the other path."""
+    from llama4.infer import DecodeStep, KVCache
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, n_experts=4,
+                     top_k=1, expert_dim=24, dense_dim=48, interleave_moe_layer_step=2, attention_chunk_size=4,
+                     nope_layer_interval=2, floor_scale=4.0, attn_scale=0.5)
+    torch.manual_seed(0)
+    m = Transformer(args).eval()
+    m.init_weights(std=0.5)
+    step = DecodeStep(m, compile=True)
+    caches = {"eager": KVCache.for_model(m, 4, 24), "whole": KVCache.for_model(m, 4, 24, static=True)}
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 64, (1, n), generator=g) for n in (3, 6, 5)]
+    with torch.no_grad():
+        for c in caches.values():
+            for r, p in enumerate(prompts):  # rows 0-2; row 3 stays free (scratch writes)
+                c.prefill(m, p, r)
+                c.set_decoding(r, r != 1)  # row 1: prefilled, not decoding
+        assert step.decode_whole(caches["eager"], torch.zeros(4, 1, dtype=torch.long)) is None  # dynamic
+        with torch.enable_grad():
+            assert step.decode_whole(caches["whole"], torch.zeros(4, 1, dtype=torch.long)) is None
+        for t in range(9):
+            if t == 5:
+                m.output.weight.mul_(-1.5)  # in place, after the graph was compiled
+            tok = torch.randint(0, 64, (4, 1), generator=g)
+            ref = caches["eager"].decode(m, tok)
+            got = caches["whole"].decode(step, tok)
+            for r in (0, 2):
+                torch.testing.assert_close(got[r], ref[r], atol=1e-4, rtol=1e-4)
+    assert len(step._graphs) == 1  # one signature, compiled once
+    e, w = caches["eager"], caches["whole"]
+    assert torch.equal(e.pos, w.pos) and e.lengths == w.lengths == [12, 6, 14, 0]
+    for le, lw in zip(e.layers, w.layers):
+        n = min(le.size, lw.size)
+        for r in range(3):
+            keep = slice(0, min(n, e.lengths[r]))
+            torch.testing.assert_close(lw.k[r, :, keep], le.k[r, :, keep], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lw.v[r, :, keep], le.v[r, :, keep], atol=1e-5, rtol=1e-5)

@@ -24,6 +24,7 @@ real keys and no row has to be gathered out of the batch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,14 @@ class ChunkedLayerCache(_LayerCache):
         return k_all, v_all, PieceMask(n_old, T, C)
 
 
+def static_capacity(capacity: int) -> int:
+    """A static cache's capacity: ``capacity`` rounded up to 2^k or 1.5 * 2^k (at least 256). Every
+    step attends over the whole capacity, so this keeps it under 1.34x what is used (577 -> 768,
+    where powers of two gave 1024) at two compiled graphs per doubling of the length."""
+    p = 1 << (capacity - 1).bit_length()
+    return max(256, 3 * p // 4 if capacity <= 3 * p // 4 else p)
+
+
 class KVCache:
     """Per-layer caches for ``max_batch`` rows, plus each row's length and decode state.
 
@@ -160,7 +169,7 @@ class KVCache:
         self.dtype = dtype
         self.static = static
         if static:  # round up, so calls with similar lengths share one compiled graph
-            capacity = max(256, 1 << (capacity - 1).bit_length())
+            capacity = static_capacity(capacity)
         self.chunk = args.attention_chunk_size
         self.capacity = capacity
         self.layers: list[_LayerCache] = []
@@ -271,7 +280,9 @@ class KVCache:
         the model or anything called like it (a compiled decode step).
 
         Rows that are not decoding compute garbage into the scratch slots. Advances the
-        positions of decoding rows on the device and their lengths on the host.
+        positions of decoding rows on the device and their lengths on the host. A compiled
+        ``DecodeStep`` runs the device side (:meth:`decode_forward`) as one graph when it can
+        (its ``decode_whole``; None where it cannot).
         """
         n = tokens.shape[0]
         rows = [r for r in range(n) if self.decoding[r]]
@@ -279,21 +290,60 @@ class KVCache:
             raise ValueError("decode: no row in the batch is decoding")
         need = max(self.lengths[r] for r in rows) + 1
         self.reserve(need)
+        whole = getattr(model, "decode_whole", None)
+        logits = whole(self, tokens) if whole is not None else None
+        if logits is None:
+            logits = self.decode_forward(model, tokens, rows, need)
+        for r in rows:
+            self.lengths[r] += 1
+        return logits
+
+    def decode_forward(self, model, tokens: torch.Tensor, rows: list[int] | None = None, need: int = 0
+                       ) -> torch.Tensor:
+        """The device side of a decode step: plan the writes, call ``model``, advance the decoding
+        rows' positions -> logits (n, V). ``rows`` (the decoding rows) and ``need`` (their longest
+        length + 1) are host values only a dynamic cache's plan reads. In static mode every tensor
+        it reads or writes is one of :meth:`state_tensors` (or the model's) and its Python values
+        follow from (n, max_batch, capacity): a compiled step may trace it whole (``bound_to``)."""
+        n = tokens.shape[0]
         self.plan = self._decode_plan(n, rows, need)
         try:
             logits = model(tokens, positions=self.pos[:n].view(n, 1), cache=self)
         finally:
             self.plan = None
         self.pos[:n] += self.active[:n]
-        for r in rows:
-            self.lengths[r] += 1
         return logits[:, -1]
 
-    def _decode_plan(self, n: int, rows: list[int], need: int) -> _Decode:
+    _STATE = ("pos", "active", "_arange", "_rows", "_heads")
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decode step reads or writes, in a fixed order: the rows' positions and
+        flags, index helpers, then each layer's keys and values."""
+        return [getattr(self, a) for a in self._STATE] + [t for layer in self.layers for t in (layer.k, layer.v)]
+
+    @contextmanager
+    def bound_to(self, tensors: list[torch.Tensor]):
+        """This cache over other tensors in place of :meth:`state_tensors` (a tracer's stand-ins)
+        for the duration of the block; its own are put back after."""
+        saved = self.state_tensors()
+        try:
+            self._bind(tensors)
+            yield self
+        finally:
+            self._bind(saved)
+
+    def _bind(self, tensors: list[torch.Tensor]) -> None:
+        s = len(self._STATE)
+        for a, t in zip(self._STATE, tensors[:s]):
+            setattr(self, a, t)
+        for i, layer in enumerate(self.layers):
+            layer.k, layer.v = tensors[s + 2 * i], tensors[s + 2 * i + 1]
+
+    def _decode_plan(self, n: int, rows: list[int] | None, need: int) -> _Decode:
         pos, act = self.pos[:n], self.active[:n]
         ring = next((layer for layer in self.layers if isinstance(layer, ChunkedLayerCache)), None)
         full_cap = self.capacity
-        uniform = len(rows) == n and len({self.lengths[r] for r in rows}) == 1
+        uniform = not self.static and len(rows) == n and len({self.lengths[r] for r in rows}) == 1
         # Global layers: keys 0 .. p per row.
         full_keys = full_cap if self.static else need
         full_mask = None
