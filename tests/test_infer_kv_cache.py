@@ -165,6 +165,17 @@ def test_static_steps_take_power_of_two_rows(model):
         assert (static.n_rows(), dynamic.n_rows()) == (n_static, n_dynamic)
 
 
+def test_static_capacity_is_two_shapes_per_doubling(model):
+    """Every static step attends over the whole capacity: it rounds up to 2^k or 1.5 * 2^k (at
+    least 256), at creation and when reserve() grows it, so at most a third of it is unused."""
+    for asked, got in [(1, 256), (300, 384), (512, 512), (577, 768), (769, 1024), (1025, 1536), (5000, 6144)]:
+        assert KVCache.for_model(model, 1, asked, static=True).capacity == got
+    cache = KVCache.for_model(model, 1, 600, static=True)
+    cache.reserve(1600)  # doubling gives 1536 < 1600: rounded again, not 1600
+    assert cache.capacity == 2048 and cache.layers[-1].size == 2048
+    assert KVCache.for_model(model, 1, 600).capacity == 600  # dynamic: as asked
+
+
 def test_memory_is_bounded_on_chunked_layers(model):
     args = model.args
     cache = KVCache.for_model(model, 2, 16)

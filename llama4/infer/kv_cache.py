@@ -208,6 +208,8 @@ class KVCache:
         if capacity <= self.capacity:
             return
         new = max(capacity, 2 * self.capacity)
+        if self.static:
+            new = static_capacity(new)
         for layer in self.layers:
             if isinstance(layer, ChunkedLayerCache):
                 layer.resize(min(self.chunk, new))
