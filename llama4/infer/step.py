@@ -236,7 +236,7 @@ class DecodeStep:
         # where each parameter and buffer lives: a whole-step call reads the current tensors
         self._weights = [(mod._parameters if name in mod._parameters else mod._buffers, name)
                          for full in self._weight_names()
-                         for mod, name in [self._owner(full)]]
+                         for mod, name in [self._owner(full)]] if compile else []
 
     def _weight_names(self) -> list[str]:
         return [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers()]
