@@ -23,20 +23,21 @@ from llama4.tokenizer.files import write_tiktoken_bpe
 IMAGE_TOKEN_ID = 256 + 92  # <|patch|> after the 256 byte tokens
 
 
-def tiny_args() -> ModelArgs:
-    return ModelArgs(vocab_size=2304, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4,
-                     top_k=1, expert_dim=64, dense_dim=128, interleave_moe_layer_step=2, nope_layer_interval=2,
-                     attention_chunk_size=16, floor_scale=8.0, max_seq_len=4096)
+def tiny_args(**overrides) -> ModelArgs:
+    base = dict(vocab_size=2304, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=4, top_k=1,
+                expert_dim=64, dense_dim=128, interleave_moe_layer_step=2, nope_layer_interval=2,
+                attention_chunk_size=16, floor_scale=8.0, max_seq_len=4096)
+    return ModelArgs(**{**base, **overrides})
 
 
-def write_tiny_model_dir(d: Path, multimodal: bool = False) -> Path:
+def write_tiny_model_dir(d: Path, multimodal: bool = False, **overrides) -> Path:
     """A seeded tiny checkpoint in ``d`` (HF layout + byte-level ``tokenizer.model``); with
-    ``multimodal`` it has the debug vision tower."""
+    ``multimodal`` it has the debug vision tower; ``overrides`` change :func:`tiny_args`."""
     torch.manual_seed(0)
     if multimodal:
-        m = MultimodalTransformer(tiny_args(), vision_flavor("debug"), image_token_id=IMAGE_TOKEN_ID)
+        m = MultimodalTransformer(tiny_args(**overrides), vision_flavor("debug"), image_token_id=IMAGE_TOKEN_ID)
     else:
-        m = Transformer(tiny_args())
+        m = Transformer(tiny_args(**overrides))
     m.init_weights(std=0.3)
     llama4.save(m, d)
     write_tiktoken_bpe(d / "tokenizer.model", {bytes([b]): b for b in range(256)})

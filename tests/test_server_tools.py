@@ -37,11 +37,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CALC = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate arithmetic.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
-# (prompt, the expressions the model is taught to send). Chosen so that no call's closing "}}"
-# starts a 16-token chunk of the tiny model's local attention (see _check_chunk_alignment).
-PROBLEMS = [("What is 12 times 7?", ["12*7"]), ("Compute 345+678.", ["345+678"]), ("How much is 91-19?", ["91-19"]),
-            ("What are 6+5 and 9*3?", ["6+5", "9*3"])]
-SFT_STEPS = 120  # at 90-100 steps some taught tokens sit near p=0.5 (tie-prone); at 120 all are >= 0.99
+# (prompt, the expressions the model is taught to send). Chosen so that the taught model's local
+# attention never sees two calls the same way up to a point where they go on differently (see
+# _check_local_views); CHUNK is its local-attention chunk.
+PROBLEMS = [("What is 12 times 7?", ["12*7"]), ("Compute 345+678, please.", ["345+678"]),
+            ("How much is 91-19?", ["91-19"]), ("What are 6+5 and 9*3?", ["6+5", "9*3"])]
+CHUNK = 64
+SFT_STEPS = 120  # every taught token then has p >= 0.998 (>= 0.99 at 90..200 steps, lr 2e-3..4.5e-3)
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
@@ -70,17 +72,22 @@ def conversation(prompt: str, exprs: list[str]) -> list[dict]:
     return msgs + [{"role": "assistant", "content": final_answer(exprs)}]
 
 
-def _check_chunk_alignment(tok, chunk: int) -> None:
-    # The tiny model's local-attention layers see 16-token chunks; a chunk that starts on the first
-    # "}" closing a call sees "}" then "}}": attention over identical tokens averages identical
-    # values, so the model cannot tell one brace from two and the memorised call breaks. A data
-    # choice, not a server property: fail loudly if a change to the prompt rendering moves one.
+def _check_local_views(tok, chunk: int) -> None:
+    # The local-attention layers see the tokens from the start of their chunk only. Where a chunk
+    # starts inside a call, two taught calls whose chunk views are equal but whose next tokens differ
+    # (e.g. a lone '"' before ', "parameters"' and before '12*7') leave the choice to the two NoPE
+    # layers alone; they learn position slowly, so the memorised call broke on some CPUs (CI printed
+    # '"calculator"12*7"}}'). A data choice, not a server property: fail loudly if the rendering moves one.
+    seen = {}
     for prompt, exprs in PROBLEMS:
-        ids, mask = tokenize_conversation(tok, conversation(prompt, exprs), [CALC])
-        text = [tok.decode([i]) for i in ids]
-        for i in range(1, len(ids)):
-            if mask[i] and text[i - 1] == '"' and text[i] == "}":
-                assert i % chunk, f"{prompt!r}: a call's closing brace starts a local-attention chunk; reword it"
+        conv = conversation(prompt, exprs)
+        ids, mask = tokenize_conversation(tok, conv, [CALC])
+        call_end = len(tokenize_conversation(tok, conv[:2], [CALC])[0])
+        for i in range(1, call_end):
+            if mask[i]:
+                view = tuple(ids[(i - 1) // chunk * chunk:i])
+                assert seen.setdefault(view, ids[i]) == ids[i], \
+                    f"{prompt!r}: token {i} is ambiguous to the local layers; reword it"
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +95,14 @@ def taught(tmp_path_factory):
     from llama4.posttrain.sft import sft
 
     d = tmp_path_factory.mktemp("tools")
-    base = write_tiny_model_dir(d / "base")
+    base = write_tiny_model_dir(d / "base", attention_chunk_size=CHUNK)
     data = d / "calculator.jsonl"
     data.write_text("".join(json.dumps({"messages": conversation(q, e), "tools": [CALC]}) + "\n" for q, e in PROBLEMS))
     summary = sft(base, d / "calc", data=data, max_steps=SFT_STEPS, lr=3e-3, batch_size=4, seq_len=640,
                   overrides={"progress": False, "warmup_steps": 0, "checkpoint_every": 1000})
     assert summary["last_loss"] < 0.05, summary
     model, tok, name = load_model_dir(d / "calc")
-    _check_chunk_alignment(tok, model.args.attention_chunk_size)
+    _check_local_views(tok, model.args.attention_chunk_size)
     engine = Engine(model, EngineConfig(max_batch=4, max_context=1024, prefill_chunk=256))
     with serving(engine, tok, name) as url:
         yield dict(url=url, name=name, tok=tok, engine=engine,
