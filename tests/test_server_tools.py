@@ -17,6 +17,7 @@ import operator
 import random
 
 import pytest
+import torch
 
 from llama4.infer.engine import Engine, EngineConfig
 from llama4.infer.model_dir import load_model_dir
@@ -90,6 +91,20 @@ def _check_local_views(tok, chunk: int) -> None:
                     f"{prompt!r}: token {i} is ambiguous to the local layers; reword it"
 
 
+def _check_memorised(model, tok) -> None:
+    # The tests below read the served replies; a taught token the model itself (full forward,
+    # teacher-forced) does not predict is a training miss, not a server bug: say so here.
+    for prompt, exprs in PROBLEMS:
+        ids, mask = tokenize_conversation(tok, conversation(prompt, exprs), [CALC])
+        with torch.no_grad():
+            pred = model(torch.tensor([ids[:-1]]))[0].argmax(-1).tolist()
+        missed = [i for i in range(1, len(ids)) if mask[i] and pred[i - 1] != ids[i]]
+        if missed:
+            i = missed[0]
+            raise AssertionError(f"{prompt!r}: SFT did not memorise token {i}: "
+                                 f"{tok.decode(ids[i - 20:i])!r} -> {tok.decode(ids[i:i + 1])!r}")
+
+
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory):
     from llama4.posttrain.sft import sft
@@ -103,6 +118,7 @@ def taught(tmp_path_factory):
     assert summary["last_loss"] < 0.05, summary
     model, tok, name = load_model_dir(d / "calc")
     _check_local_views(tok, model.args.attention_chunk_size)
+    _check_memorised(model, tok)
     engine = Engine(model, EngineConfig(max_batch=4, max_context=1024, prefill_chunk=256))
     with serving(engine, tok, name) as url:
         yield dict(url=url, name=name, tok=tok, engine=engine,
