@@ -106,6 +106,48 @@ def test_compiled_step_runs_at_its_measured_thread_count_and_restores_torchs(mon
         torch.set_num_threads(saved)
 
 
+def test_eager_one_row_steps_run_at_their_measured_thread_count(monkeypatch):
+    """Eager CPU decode picks a thread count for one-row steps (1 or torch's, timed on the model's
+    own FFNs, once per model and count); steps of several rows and prefill keep torch's; torch's
+    setting is restored after every step; the tokens do not depend on the pick."""
+    from llama4.infer import step as step_mod
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, n_experts=4,
+                     top_k=1, expert_dim=24, dense_dim=48, interleave_moe_layer_step=2, attention_chunk_size=4)
+    torch.manual_seed(0)
+    m = Transformer(args).eval()
+    m.init_weights(std=0.5)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert step_mod.eager_decode_threads(m) == 1  # nothing to choose: no measurement
+        assert m not in step_mod._eager_threads
+        torch.set_num_threads(2)
+        pick = step_mod.eager_decode_threads(m, quiet=True)
+        assert pick in (1, 2) and step_mod._eager_threads[m] == {2: pick}
+        outs = {}
+        for forced in (1, 2):
+            step_mod._eager_threads[m] = {2: forced}
+            seen = []  # (rows, threads) at each model call
+            real = type(m).forward
+
+            def spy(self, tokens, *a, **k):
+                seen.append((tokens.shape[0], torch.get_num_threads()))
+                return real(self, tokens, *a, **k)
+
+            monkeypatch.setattr(type(m), "forward", spy)
+            outs[forced] = (llama4.generate(m, [1, 2, 3, 4, 5], max_new_tokens=6),
+                            llama4.generate(m, [[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=4))
+            monkeypatch.setattr(type(m), "forward", real)
+            assert torch.get_num_threads() == 2
+            one_row = [t for rows, t in seen if rows == 1]
+            assert one_row[0] == 2 and set(one_row[1:6]) == {forced}  # prefill, then 5 one-row steps
+            assert {t for rows, t in seen if rows == 2} == {2}  # batch-2 steps keep torch's count
+        assert outs[1] == outs[2]
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_whole_step_graph_is_the_eager_step_and_reads_the_current_weights():
     """A compiled CPU step over a static cache runs the device side of KVCache.decode as one graph
     of flat tensors (DecodeStep.decode_whole): its logits, key/value writes and position updates

@@ -31,6 +31,8 @@ These choices are made here, outside the model:
   3x slower with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep between regions). So the step measures
   a proxy of itself (a chain of the model's one-row FFN matmuls, compiled by the same backend) at
   one thread and at torch's count, compiles for the faster, and runs every call under it.
+  Eager, one-row steps do the same with the model's own FFNs called eagerly (``eager_decode_threads``):
+  their one-row BLAS calls do not split across threads, so a second one mostly adds hand-offs.
 * **One graph per step, without Dynamo** (compiled, CPU, static cache: ``DecodeStep.decode_whole``).
   ``KVCache.decode`` hands the step its whole device side (the write plan built from the rows'
   positions, the model, the position advance), traced once per signature by ``make_fx`` over flat
@@ -184,9 +186,56 @@ def decode_threads(model: torch.nn.Module, quiet: bool = False) -> int:
 
 
 @functools.cache
-def _say_threads(pick: int, n: int, speedup: float) -> None:
-    print(f"llama4 decode: compiled for {pick} thread(s) (a proxy step ran {speedup:.2f}x as fast on {n} "
+def _say_threads(pick: int, n: int, speedup: float, what: str = "compiled for") -> None:
+    print(f"llama4 decode: {what} {pick} thread(s) (a proxy step ran {speedup:.2f}x as fast on {n} "
           f"threads as on 1; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})", file=sys.stderr)
+
+
+# model -> {torch's thread count: the count its eager one-row decode steps run at}
+_eager_threads: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def eager_decode_threads(model: torch.nn.Module, moe_path=contextlib.nullcontext, quiet: bool = False) -> int:
+    """Threads for the model's eager CPU decode steps of one row: torch's count if the model's own
+    FFNs (dense and MoE, under ``moe_path()``), called eagerly on one row, ran at least
+    ``THREADS_MARGIN`` faster with them than with one thread, else one. A one-row eager step is
+    ~1,000 small ops and one-row BLAS calls that do not split across threads (measured on the
+    benchmark shape, AMD EPYC, 2 threads: 0.85-1.0x one thread, while batch 8 gained 1.25x), so
+    a second thread mostly adds hand-offs. Measured once per model and thread count over at most
+    ``TIMING_BYTES`` of its FFN weights; says so (stderr) when it picks fewer than torch's count."""
+    from llama4.model.transformer import TransformerBlock
+
+    n = torch.get_num_threads()
+    if n == 1:
+        return 1
+    known = _eager_threads.setdefault(model, {})
+    if n in known:
+        return known[n]
+    ffns, nbytes = [], 0
+    for block in (m for m in model.modules() if isinstance(m, TransformerBlock)):
+        if ffns and nbytes >= TIMING_BYTES:
+            break
+        ffns.append(block.feed_forward)
+        nbytes += sum(t.numel() * t.element_size() for t in block.feed_forward.state_dict().values())
+    p = next(model.parameters())
+    x = torch.randn(1, 1, model.args.dim, dtype=p.dtype, device=p.device)
+
+    def chain(_):
+        for f in ffns:
+            f(x)
+
+    times = []
+    try:
+        with torch.no_grad(), moe_path():
+            for threads in (1, n):
+                torch.set_num_threads(threads)
+                times.append(best_time(chain, None, reps=4, rounds=5))
+    finally:
+        torch.set_num_threads(n)
+    pick = known[n] = n if times[0] / times[1] >= THREADS_MARGIN else 1
+    if pick != n and not quiet:
+        _say_threads(pick, n, round(times[0] / times[1], 2), "eager one-row steps on")
+    return pick
 
 
 def relayout_experts_for_decode(model: torch.nn.Module) -> None:
@@ -210,7 +259,9 @@ class DecodeStep:
         self.top_k = model.args.top_k
         self.on_cpu = next(model.parameters()).device.type == "cpu"
         self.fn = model
-        self.threads = None  # None: torch's current count
+        self.threads = None  # compiled: every call's thread count (None: torch's current count)
+        self.one_row_threads = None  # eager: one-row calls' (None: torch's)
+        self.compiled = compile
         self._graphs: dict = {}  # whole-step graphs by signature, shared by the model's compiled steps
         if compile:
             fn, threads, graphs = _compiled.get(model, (None, None, {}))  # compiling takes seconds: once per model
@@ -231,7 +282,8 @@ class DecodeStep:
                 fn = torch.compile(model, dynamic=False)
             _compiled[model] = (fn, threads, graphs)
             self.fn, self.threads, self._graphs = fn, threads, graphs
-        self.compiled = compile
+        elif self.on_cpu:
+            self.one_row_threads = eager_decode_threads(model, lambda: self._moe(1))
         self._warm: set[tuple] = set()  # signatures this step has already run compiled
         # where each parameter and buffer lives: a whole-step call reads the current tensors
         self._weights = [(mod._parameters if name in mod._parameters else mod._buffers, name)
@@ -350,13 +402,14 @@ class DecodeStep:
                 m.impl = old
 
     @contextlib.contextmanager
-    def _at_threads(self):
-        """torch's thread count set to the step's for the block (inductor generates the kernels
-        for the count at hand), then restored."""
+    def _at_threads(self, rows: int = 0):
+        """torch's thread count set to the step's for the block (compiled: inductor generates the
+        kernels for the count at hand; eager: one-row calls), then restored."""
         saved = torch.get_num_threads()
-        switch = self.threads is not None and self.threads != saved
+        threads = self.threads if self.compiled else (self.one_row_threads if rows == 1 else None)
+        switch = threads is not None and threads != saved
         if switch:
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(threads)
         try:
             yield
         finally:
@@ -364,7 +417,7 @@ class DecodeStep:
                 torch.set_num_threads(saved)
 
     def __call__(self, tokens: torch.Tensor, *, positions, cache, **kw) -> torch.Tensor:
-        with self._at_threads(), self._moe(tokens.shape[0]):
+        with self._at_threads(tokens.shape[0]), self._moe(tokens.shape[0]):
             if self.on_cpu:
                 return self._run(tokens, positions, cache, kw)
             # cuDNN attention builds a new plan for every new key length, i.e. every decode step
