@@ -154,13 +154,20 @@ def _proxy_times(threads: int, dim: int, ffn: int, pairs: int) -> tuple[float, f
             x = x + torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(x, w1)), w2)
         return x
 
+    def measure():
+        with torch.no_grad():
+            return best_time(compile_for_decode(chain, [x, *ws]), [x, *ws], reps=20, rounds=5)
+
+    return _at_one_and(threads, measure)
+
+
+def _at_one_and(threads: int, measure) -> tuple[float, float]:
+    """(measure() at 1 thread, at ``threads``), torch's count restored after."""
     saved, out = torch.get_num_threads(), []
     try:
         for n in (1, threads):
             torch.set_num_threads(n)
-            with torch.no_grad():
-                f = compile_for_decode(chain, [x, *ws])
-                out.append(best_time(f, [x, *ws], reps=20, rounds=5))
+            out.append(measure())
     finally:
         torch.set_num_threads(saved)
     return out[0], out[1]
@@ -224,17 +231,11 @@ def eager_decode_threads(model: torch.nn.Module, moe_path=contextlib.nullcontext
         for f in ffns:
             f(x)
 
-    times = []
-    try:
-        with torch.no_grad(), moe_path():
-            for threads in (1, n):
-                torch.set_num_threads(threads)
-                times.append(best_time(chain, None, reps=4, rounds=5))
-    finally:
-        torch.set_num_threads(n)
-    pick = known[n] = n if times[0] / times[1] >= THREADS_MARGIN else 1
+    with torch.no_grad(), moe_path():
+        t1, tn = _at_one_and(n, lambda: best_time(chain, None, reps=4, rounds=5))
+    pick = known[n] = n if t1 / tn >= THREADS_MARGIN else 1
     if pick != n and not quiet:
-        _say_threads(pick, n, round(times[0] / times[1], 2), "eager one-row steps on")
+        _say_threads(pick, n, round(t1 / tn, 2), "eager one-row steps on")
     return pick
 
 
